@@ -1,0 +1,3 @@
+from gtransformer.cli import main
+
+raise SystemExit(main())
