@@ -1,0 +1,388 @@
+"""Decoder-only transformer with Grouped Query Attention and Mixture-of-Experts feed-forwards.
+
+    input_ids (B, T)
+      └► embed_tokens ─► n_layers x Block ─► norm ─► lm_head ─► logits (B, T, vocab)
+    Block (pre-norm, residual):
+      x = x + Attention(input_layernorm(x))        GQA, RoPE, optional QK-norm, KV cache
+      x = x + FeedForward(post_attention_layernorm(x))   MoE (moe.py) or dense SwiGLU
+
+Names follow Hugging Face (q_proj, k_proj, v_proj, o_proj, embed_tokens,
+lm_head, norm, gate, experts) and RoPE uses HF's rotate_half layout, so
+exporting to Mixtral (hf.py) is a plain copy of tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gtransformer.errors import UserError
+from gtransformer.moe import MoE, SwiGLU, expert_params, init_moe_weights
+
+
+@dataclass
+class ModelConfig:
+    """The `[model]` table. Saved with every checkpoint; enough to rebuild the model."""
+
+    vocab_size: int = 8192  # tokenizer vocabulary (embedding and lm_head rows)
+    context_length: int = 256  # longest sequence the model accepts (RoPE table, KV cache cap)
+    d_model: int = 256  # residual stream width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # query heads
+    n_kv_heads: int = 2  # key/value heads shared by n_heads // n_kv_heads query heads (1 = MQA)
+    head_dim: int | None = None  # per-head width; None -> d_model // n_heads
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight
+    qk_norm: bool = False  # RMSNorm on each query/key head before RoPE (Qwen3/OLMo2 style)
+    n_experts: int = 8  # routed experts per MoE layer; 0 = dense SwiGLU model
+    top_k: int = 2  # experts each token is routed to
+    expert_hidden: int = 512  # hidden width of each SwiGLU expert (and of each shared expert)
+    dense_hidden: int | None = None  # hidden width of dense SwiGLU layers; None -> top_k * expert_hidden (FLOP-matched)
+    moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0; others are dense
+    n_shared_experts: int = 0  # always-on experts added to every MoE layer (DeepSeek style)
+    balance: str = "aux"  # "aux": Switch auxiliary loss; "bias": DeepSeek-V3 auxiliary-loss-free bias
+    aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss (0 disables)
+    z_loss_coef: float = 0.001  # weight of the router z-loss (0 disables)
+    bias_update_rate: float = 0.001  # step of the balancing bias per update (balance = "bias")
+    expert_impl: str = "auto"  # "auto" | "grouped" (grouped_mm) | "loop" (reference per-expert loop)
+    init_std: float = 0.02  # std of the normal init; residual output projections get std / sqrt(2 n_layers)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_dense_hidden(self) -> int:
+        if self.dense_hidden is not None:
+            return self.dense_hidden
+        return max(self.top_k, 1) * self.expert_hidden
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and (layer + 1) % self.moe_every == 0
+
+    def validate(self) -> None:
+        def fail(message: str) -> None:
+            raise UserError(f"[model] {message}")
+
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "moe_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(f"{name} = {value!r} must be a positive integer")
+        for name in ("n_experts", "n_shared_experts", "top_k", "expert_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(f"{name} = {value!r} must be a non-negative integer")
+        if self.n_heads % self.n_kv_heads != 0:
+            fail(
+                f"n_heads = {self.n_heads} is not a multiple of n_kv_heads = {self.n_kv_heads}; "
+                f"choose n_kv_heads among the divisors of n_heads (1 = MQA, n_heads = plain multi-head)"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads != 0:
+            fail(f"d_model = {self.d_model} is not divisible by n_heads = {self.n_heads}; set head_dim explicitly")
+        if self.resolved_head_dim % 2 != 0 or self.resolved_head_dim < 2:
+            fail(f"head_dim = {self.resolved_head_dim} must be even for rotary embeddings")
+        if self.n_experts > 0:
+            if not 1 <= self.top_k <= self.n_experts:
+                fail(f"top_k = {self.top_k} must be between 1 and n_experts = {self.n_experts}")
+            if self.expert_hidden < 1:
+                fail("expert_hidden must be positive when n_experts > 0")
+        if self.n_experts == 0 and self.dense_hidden is None and self.top_k * self.expert_hidden < 1:
+            fail("a dense model (n_experts = 0) needs dense_hidden (or top_k * expert_hidden) > 0")
+        if self.dense_hidden is not None and self.dense_hidden < 1:
+            fail(f"dense_hidden = {self.dense_hidden} must be positive (or omitted)")
+        if self.balance not in ("aux", "bias"):
+            fail(f'balance = {self.balance!r} must be "aux" (auxiliary loss) or "bias" (auxiliary-loss-free)')
+        if self.expert_impl not in ("auto", "grouped", "loop"):
+            fail(f'expert_impl = {self.expert_impl!r} must be "auto", "grouped" or "loop"')
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                fail(f"{name} = {getattr(self, name)!r} must be positive")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if not getattr(self, name) >= 0:
+                fail(f"{name} = {getattr(self, name)!r} must be >= 0 (0 disables)")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        from gtransformer.config import from_dict
+
+        return from_dict(cls, dict(values), "model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, vocab) float, or (B, 1, vocab) with last_logits_only
+    loss: torch.Tensor | None  # mean cross entropy over targets != -1, when targets are given
+    aux_loss: torch.Tensor  # already-weighted MoE balancing losses (0 when not computed)
+    stats: list[dict[str, Any]] | None  # per MoE layer: layer, tokens_per_expert, router_entropy, aux_loss, z_loss
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: (n_layers, B, n_kv_heads, max_len, head_dim) each.
+
+    Written in place as tokens arrive; `length` is a host-side int (no sync to
+    know it). `pad` holds the number of left-padding slots of each row, for
+    batches of prompts of different lengths.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype, pad: torch.Tensor | None = None):
+        if max_len > config.context_length:
+            raise UserError(
+                f"requested {max_len} positions but the model's context_length is {config.context_length}; "
+                f"shorten the prompt or lower max_new_tokens"
+            )
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.resolved_head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+        self.pad = pad.to(device) if pad is not None else None
+        self.slots = torch.arange(max_len, device=device)
+
+    def mask(self, start: int, n_new: int) -> torch.Tensor | None:
+        """Boolean (B, 1, n_new, start + n_new) mask, or None when plain causal attention is exact."""
+        if self.pad is None and (n_new == 1 or start == 0):
+            return None
+        end = start + n_new
+        keys = self.slots[:end]
+        queries = self.slots[start:end, None]
+        allowed = keys[None, :] <= queries  # causal (n_new, end)
+        allowed = allowed[None, None]
+        if self.pad is not None:
+            allowed = allowed & (keys >= self.pad[:, None])[:, None, None, :]
+            # A padding query sees no real key; letting it see itself keeps its row finite
+            # (an all-masked row is NaN, and NaN values would leak through 0-weights).
+            allowed = allowed | (keys[None, :] == queries)[None, None]
+        return allowed
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 then scale in the input dtype, exactly as HF's MixtralRMSNorm.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (length, head_dim) in HF's layout (frequencies repeated over both halves)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim/2): HF's rotate_half convention, so weights export unchanged."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.resolved_head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            # Keys/values keep n_kv_heads; enable_gqa shares them without repeating in memory.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            start, end = cache.length, cache.length + T
+            cache.k[self.layer, :, :, start:end] = k
+            cache.v[self.layer, :, :, start:end] = v
+            k_all, v_all = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+            mask = cache.mask(start, T)
+            y = F.scaled_dot_product_attention(
+                q, k_all, v_all, attn_mask=mask, is_causal=mask is None and T > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.is_moe = config.is_moe_layer(layer)
+        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.d_model, config.resolved_dense_hidden)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, need_losses: bool):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h, aux, stats = self.mlp(h, need_losses)
+        else:
+            h, aux, stats = self.mlp(h), None, None
+        return x + h, aux, stats
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config.resolved_head_dim, config.context_length, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                init_moe_weights(module, std, out_std)
+        for block in self.layers:
+            nn.init.normal_(block.self_attn.o_proj.weight, std=out_std)
+            if not block.is_moe:
+                nn.init.normal_(block.mlp.w2.weight, std=out_std)
+            elif block.mlp.shared_experts is not None:
+                nn.init.normal_(block.mlp.shared_experts.w2.weight, std=out_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        return_stats: bool = False,
+        *,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        last_logits_only: bool = False,
+    ) -> ModelOutput:
+        """input_ids (B, T) -> ModelOutput.
+
+        targets (B, T): next-token ids, -1 to ignore. With `cache`, the tokens
+        are appended at `cache.length` (which advances) and `position_ids`
+        (B, T) give each row's RoPE positions (left padding shifts them).
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.context_length:
+            raise UserError(
+                f"input of {start + T} tokens is longer than the model's context_length "
+                f"({self.config.context_length}); shorten the prompt or lower max_new_tokens"
+            )
+        if cache is not None and start + T > cache.max_len:
+            raise UserError(f"KV cache holds {cache.max_len} positions, {start + T} requested; allocate a larger cache")
+        if position_ids is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        else:
+            positions = position_ids.clamp(min=0)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+
+        need_losses = targets is not None or return_stats
+        x = self.embed_tokens(input_ids)
+        aux_total = torch.zeros((), device=x.device, dtype=torch.float32)
+        all_stats: list[dict[str, Any]] = []
+        for i, block in enumerate(self.layers):
+            x, aux, stats = block(x, cos, sin, cache, need_losses)
+            if aux is not None:
+                aux_total = aux_total + aux
+            if stats is not None:
+                all_stats.append({"layer": i, **stats})
+        if cache is not None:
+            cache.length += T
+
+        x = self.norm(x)
+        if last_logits_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return ModelOutput(logits, loss, aux_total, all_stats if return_stats else None)
+
+    def update_router_biases(self) -> None:
+        """Call after each optimizer step: moves the balance="bias" router biases (no-op otherwise)."""
+        if self.config.balance != "bias":
+            return
+        for block in self.layers:
+            if block.is_moe:
+                block.mlp.gate.update_bias(self.config.bias_update_rate)
+
+    # ---- size and cost helpers -------------------------------------------------------------
+
+    def num_params(self) -> int:
+        """Total parameters, tied embeddings counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self, include_embedding: bool = True) -> int:
+        """Parameters a single token touches: unused routed experts excluded."""
+        c = self.config
+        inactive = sum(block.is_moe for block in self.layers) * (c.n_experts - c.top_k) * expert_params(c)
+        active = self.num_params() - inactive
+        if not include_embedding:
+            active -= self.embed_tokens.weight.numel()
+            if not c.tie_embeddings:
+                active -= self.lm_head.weight.numel()
+        return active
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 N_active + 6 head + attention.
+
+        N_active excludes embedding and lm_head; the attention term is
+        12 * n_layers * n_heads * head_dim * seq_len (PaLM / nanoGPT convention).
+        """
+        c = self.config
+        seq_len = seq_len or c.context_length
+        head = c.d_model * c.vocab_size
+        attention = 12 * c.n_layers * c.n_heads * c.resolved_head_dim * seq_len
+        return 6 * self.num_active_params(include_embedding=False) + 6 * head + attention
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
+        c = self.config
+        return 2 * c.n_layers * c.n_kv_heads * c.resolved_head_dim * torch.empty((), dtype=dtype).element_size()

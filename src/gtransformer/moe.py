@@ -1,0 +1,222 @@
+"""Mixture-of-Experts feed-forward: router, stacked SwiGLU experts, balancing losses.
+
+Data flow of one MoE layer (tokens flattened to N x d_model):
+
+    x ──► gate (float32 router) ──► softmax ──► top-k (+ bias when balance="bias")
+      │                                            │ renormalised weights, expert ids
+      └──► experts (grouped_mm or loop) ◄──────────┘
+              sum_k weight_k * SwiGLU_{e_k}(x)   (+ shared experts, every token)
+
+Dropless: every token reaches all of its top-k experts, whatever the load.
+Expert weights are stacked tensors (n_experts, out, in), the nn.Linear layout
+of each expert, so that exporting to Mixtral is a plain copy per expert.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_announced: set[tuple[str, str]] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.nn.functional.grouped_mm runs for this device and dtype.
+
+    CPU kernels exist from PyTorch 2.9 for float32 and bfloat16; CUDA kernels
+    need compute capability >= 8.0 and bfloat16 (float32 is not supported there).
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return _TORCH_VERSION >= (2, 9) and dtype in (torch.float32, torch.bfloat16)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8 and dtype == torch.bfloat16
+    return False
+
+
+def choose_expert_impl(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Resolve expert_impl "auto" to "grouped" or "loop", logging the choice once per device/dtype."""
+    if requested == "auto":
+        impl = "grouped" if grouped_mm_supported(device, dtype) else "loop"
+    else:
+        impl = requested
+    key = (f"{device.type}/{dtype}", impl)
+    if key not in _announced:
+        _announced.add(key)
+        logger.info("MoE experts use the %s path on %s (%s, torch %s)", impl, device.type, dtype, torch.__version__)
+    return impl
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Used for dense layers and shared experts."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Router(nn.Module):
+    """Top-k softmax router computed in float32, as Mixtral does.
+
+    With balance="bias" (DeepSeek-V3's auxiliary-loss-free balancing) a
+    per-expert bias is added to the scores *for choosing* the experts only;
+    the mixing weights stay the unbiased softmax probabilities. The bias is a
+    buffer moved by `update_bias()` after each optimizer step, from the load
+    counted since the previous update.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, use_bias: bool):
+        super().__init__()
+        self.top_k = top_k
+        self.n_experts = n_experts
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        self.use_bias = use_bias
+        if use_bias:
+            self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
+            # Tokens routed to each expert since the last bias update; summed on device, no host sync.
+            self.register_buffer("load_since_update", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, d_model) -> (router logits (N, E) float32, top-k weights (N, k) float32, top-k ids (N, k))."""
+        logits = F.linear(x.float(), self.weight.float())
+        probs = logits.softmax(dim=-1)
+        if self.use_bias:
+            _, top_ids = torch.topk(probs + self.expert_bias, self.top_k, dim=-1)
+            top_weights = probs.gather(-1, top_ids)
+        else:
+            top_weights, top_ids = torch.topk(probs, self.top_k, dim=-1)
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        return logits, top_weights, top_ids
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        """DeepSeek-V3: b_e += rate * sign(mean load - load_e); underloaded experts become more attractive."""
+        if not self.use_bias:
+            return
+        load = self.load_since_update
+        self.expert_bias.add_(rate * torch.sign(load.mean() - load))
+        load.zero_()
+
+
+class Experts(nn.Module):
+    """n_experts SwiGLU experts with stacked weights and two execution paths of identical math."""
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # gate projection
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # up projection
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # down projection
+
+    def forward(
+        self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor, counts: torch.Tensor, impl: str
+    ) -> torch.Tensor:
+        if impl == "grouped":
+            return self.forward_grouped(x, top_ids, top_weights, counts)
+        return self.forward_loop(x, top_ids, top_weights)
+
+    def forward_loop(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
+        """Reference path: one expert at a time (syncs with the host; works everywhere)."""
+        out = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            token_idx, slot = torch.where(top_ids == e)
+            if token_idx.numel() == 0:
+                continue
+            h = x[token_idx]
+            h = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
+            out.index_add_(0, token_idx, h * top_weights[token_idx, slot, None].to(h.dtype))
+        return out
+
+    def forward_grouped(
+        self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Tokens sorted by expert, three grouped GEMMs, scattered back; no host synchronisation."""
+        top_k = top_ids.shape[1]
+        flat_ids = top_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        token_idx = order // top_k
+        offsets = torch.cumsum(counts, dim=0).to(torch.int32)
+        # Under autocast grouped_mm is not autocast-aware: cast explicitly to the autocast dtype.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w1, w3, w2 = (w.to(dtype).transpose(1, 2) for w in (self.w1, self.w3, self.w2))
+        h = x[token_idx].to(dtype)
+        h = F.silu(F.grouped_mm(h, w1, offs=offsets)) * F.grouped_mm(h, w3, offs=offsets)
+        h = F.grouped_mm(h, w2, offs=offsets)
+        h = h * top_weights.reshape(-1)[order, None].to(h.dtype)
+        return torch.zeros(x.shape, dtype=h.dtype, device=x.device).index_add_(0, token_idx, h)
+
+
+class MoE(nn.Module):
+    """Router + experts (+ optional shared experts); returns output, weighted balancing loss, stats."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.gate = Router(config.d_model, config.n_experts, config.top_k, use_bias=config.balance == "bias")
+        self.experts = Experts(config.n_experts, config.d_model, config.expert_hidden)
+        self.shared_experts = (
+            SwiGLU(config.d_model, config.expert_hidden * config.n_shared_experts) if config.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor, need_losses: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, top_weights, top_ids = self.gate(x)
+        n_experts = self.config.n_experts
+        # Counted with scatter_add (not bincount) so the size is static and nothing syncs.
+        counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, top_ids.reshape(-1), torch.ones_like(top_ids.reshape(-1))
+        )
+        impl = choose_expert_impl(self.config.expert_impl, x.device, x.dtype)
+        out = self.experts(x, top_ids, top_weights, counts, impl)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        out = out.to(x.dtype).reshape(shape)
+
+        if self.training and self.gate.use_bias:
+            self.gate.load_since_update.add_(counts.float())
+        if not need_losses:
+            return out, None, None
+
+        n_tokens = x.shape[0]
+        probs = logits.softmax(dim=-1)
+        load_fraction = counts.float() / (n_tokens * self.config.top_k)
+        # Switch Transformer: E * sum_e f_e * P_e, equal to 1 under perfect balance.
+        aux = n_experts * torch.sum(load_fraction * probs.mean(dim=0))
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1).mean()
+        weighted = self.config.aux_loss_coef * aux + self.config.z_loss_coef * z
+        stats = {
+            "tokens_per_expert": counts.detach(),
+            "router_entropy": entropy.detach(),
+            "aux_loss": aux.detach(),
+            "z_loss": z.detach(),
+        }
+        return out, weighted, stats
+
+
+def init_moe_weights(module: MoE, std: float, out_std: float) -> None:
+    nn.init.normal_(module.gate.weight, std=std)
+    nn.init.normal_(module.experts.w1, std=std)
+    nn.init.normal_(module.experts.w3, std=std)
+    nn.init.normal_(module.experts.w2, std=out_std)
+
+
+def expert_params(config) -> int:
+    return 3 * config.d_model * config.expert_hidden
+
+
