@@ -1,0 +1,333 @@
+"""`gtransformer prepare`: raw books -> cleaned, filtered, split, tokenised shards and stats.
+
+Steps (each a function usable from Python):
+`load_raw_books` -> `clean_books` (multiprocessing) -> `filter_books` (language,
+duplicates) -> `assign_splits` (by book id hash) -> tokenizer (BPE trained on
+train only, or a tiktoken encoding) -> `write_split_shards` -> stats.json and
+manifest.json. Each book in a shard is preceded by `<|endoftext|>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gtransformer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Book:
+    id: int
+    path: Path
+    title: str = ""
+    author: str = ""
+    text: str = ""
+    info: dict = field(default_factory=dict)  # what cleaning measured
+    dropped: str | None = None  # reason, when filtered out
+    split: str | None = None
+
+
+# ----------------------------------------------------------------------------------------
+# Steps
+
+
+def load_raw_books(raw: str | Path) -> list[Book]:
+    """The books `download` saved: manifest entries with status ok, else every `{id}.txt`."""
+    raw = Path(raw)
+    if not raw.is_dir():
+        raise UserError(f"--raw {raw} does not exist; run `gtransformer download --out {raw}` first")
+    manifest_path = raw / "manifest.json"
+    books = []
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{manifest_path} is unreadable ({exc}); rerun `gtransformer download`") from None
+        for key, record in manifest.get("books", {}).items():
+            if record.get("status") == "ok" and (raw / record["file"]).is_file():
+                books.append(Book(int(key), raw / record["file"], record.get("title", ""), record.get("author", "")))
+    else:
+        books = [Book(int(p.stem), p) for p in raw.glob("*.txt") if p.stem.isdigit()]
+    if not books:
+        raise UserError(f"no books found in {raw}; run `gtransformer download --out {raw}` first")
+    return sorted(books, key=lambda b: b.id)
+
+
+def _clean_one(job: tuple[str, int]) -> tuple[str, dict]:
+    from gtransformer.clean import clean_book
+
+    path, min_words = job
+    cleaned = clean_book(Path(path).read_bytes(), min_words=min_words)
+    info = {
+        "encoding": cleaned.encoding,
+        "raw_bytes": cleaned.raw_bytes,
+        "clean_bytes": len(cleaned.text.encode("utf-8")),
+        "words": cleaned.words,
+        "portuguese_share": round(cleaned.portuguese_share, 4),
+        "language": cleaned.language,
+    }
+    return cleaned.text, info
+
+
+def clean_books(books: list[Book], min_words: int = 5, workers: int = 1) -> list[Book]:
+    """Fill each book's text and info, in `workers` processes (largest books first, for balance)."""
+    order = sorted(books, key=lambda b: -b.path.stat().st_size)
+    jobs = [(str(b.path), min_words) for b in order]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+            results = pool.map(_clean_one, jobs, chunksize=1)
+    else:
+        results = [_clean_one(job) for job in jobs]
+    for book, (text, info) in zip(order, results):
+        book.text, book.info = text, info
+    return books
+
+
+def filter_books(books: list[Book], min_portuguese: float = 0.5, min_book_words: int = 100) -> list[Book]:
+    """Mark books that are empty, not mostly Portuguese, or exact duplicates (the lower id is kept)."""
+    seen: dict[str, int] = {}
+    for book in sorted(books, key=lambda b: b.id):
+        words = book.info.get("words", 0)
+        share = book.info.get("portuguese_share", 0.0)
+        if words < min_book_words:
+            book.dropped = f"too short after cleaning ({words} words < {min_book_words})"
+            continue
+        if share < min_portuguese:
+            book.dropped = (
+                f"not mostly Portuguese ({share:.0%} of words in Portuguese passages < {min_portuguese:.0%}; "
+                f"detected {book.info.get('language') or 'unknown'})"
+            )
+            continue
+        digest = hashlib.sha256(book.text.encode("utf-8")).hexdigest()
+        book.info["sha256"] = digest
+        if digest in seen:
+            book.dropped = f"exact duplicate of book {seen[digest]}"
+            continue
+        seen[digest] = book.id
+    return books
+
+
+def split_fraction(book_id: int, salt: str) -> float:
+    """A uniform number in [0, 1) fixed by the book id and the salt alone."""
+    digest = hashlib.sha256(f"{salt}:{book_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(book_id: int, ratios: tuple[float, float, float], salt: str) -> str:
+    u = split_fraction(book_id, salt)
+    edge = 0.0
+    for name, ratio in zip(SPLITS, ratios):
+        edge += ratio
+        if u < edge:
+            return name
+    return SPLITS[-1]
+
+
+def assign_splits(books: list[Book], ratios: tuple[float, float, float] = (0.9, 0.05, 0.05), salt: str = "gtransformer") -> None:
+    """Each kept book goes to the split its hash falls in, so adding books never moves others.
+
+    In a tiny corpus a split with a non-zero ratio can come out empty; then the train
+    book whose hash lies closest to that split's range moves there, which keeps the
+    result deterministic and every split usable.
+    """
+    kept = [b for b in books if b.dropped is None]
+    for book in kept:
+        book.split = split_of(book.id, ratios, salt)
+    lower = 0.0
+    for name, ratio in zip(SPLITS, ratios):
+        upper = lower + ratio
+        if name != "train" and ratio > 0 and not any(b.split == name for b in kept):
+            donors = [b for b in kept if b.split == "train"]
+            if len(donors) > 1:
+                centre = (lower + upper) / 2
+                min(donors, key=lambda b: (abs(split_fraction(b.id, salt) - centre), b.id)).split = name
+        lower = upper
+
+
+def write_split_shards(books: list[Book], tokenizer, out: Path, batch_books: int = 32) -> dict:
+    """Encode each split into `{split}.bin` (eot before every book); return per-split counts."""
+    import numpy as np
+
+    from gtransformer.clean import word_count
+    from gtransformer.shards import ShardWriter
+
+    stats = {}
+    for split in SPLITS:
+        members = sorted((b for b in books if b.split == split), key=lambda b: b.id)
+        tokens = byte_count = words = 0
+        with ShardWriter(out / f"{split}.bin", tokenizer.vocab_size) as writer:
+            for start in range(0, len(members), batch_books):
+                batch = members[start : start + batch_books]
+                encoded = tokenizer.encode_batch([b.text for b in batch])
+                for book, ids in zip(batch, encoded):
+                    array = np.empty(len(ids) + 1, dtype=np.int64)
+                    array[0] = tokenizer.eot_id
+                    array[1:] = ids
+                    writer.write(array)
+                    book.info["tokens"] = len(ids)
+                byte_count += sum(len(b.text.encode("utf-8")) for b in batch)
+                words += sum(word_count(b.text) for b in batch)
+            tokens = writer.count
+        stats[split] = {"books": len(members), "bytes": byte_count, "tokens": tokens, "words": words}
+    return stats
+
+
+# ----------------------------------------------------------------------------------------
+# The whole pipeline
+
+
+def prepare(
+    raw: str | Path,
+    out: str | Path,
+    vocab_size: int = 32768,
+    min_words: int = 5,
+    ratios: tuple[float, float, float] = (0.9, 0.05, 0.05),
+    salt: str = "gtransformer",
+    tiktoken_encoding: str | None = None,
+    workers: int | None = None,
+    min_portuguese: float = 0.5,
+) -> dict:
+    """Run every step; writes OUT/{train,val,test}.bin, tokenizer.json, stats.json, manifest.json."""
+    from gtransformer.tokenizer import Tokenizer
+
+    out = Path(out)
+    workers = workers or min(2, os.cpu_count() or 1)
+    timings = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 2)
+        clock = now
+
+    # Fail on an unavailable tiktoken encoding before minutes of cleaning.
+    tokenizer = Tokenizer.from_tiktoken(tiktoken_encoding) if tiktoken_encoding else None
+    books = load_raw_books(raw)
+    clean_books(books, min_words=min_words, workers=workers)
+    lap("clean_s")
+    filter_books(books, min_portuguese=min_portuguese)
+    assign_splits(books, ratios, salt)
+    kept = [b for b in books if b.dropped is None]
+    if not any(b.split == "train" for b in kept):
+        raise UserError(f"no book left for the train split out of {len(books)}; check --raw, --split and the dropped reasons")
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        tokenizer = Tokenizer.train_bpe((b.text for b in kept if b.split == "train"), vocab_size=vocab_size)
+        lap("tokenizer_train_s")
+    tokenizer.save(out / "tokenizer.json")
+    split_stats = write_split_shards(books, tokenizer, out)
+    lap("encode_s")
+
+    val = split_stats["val"]
+    stats = {
+        "books": {"raw": len(books), "kept": len(kept), "dropped": len(books) - len(kept)},
+        "splits": split_stats,
+        "val": {
+            "tokens_per_word": round(val["tokens"] / val["words"], 4) if val["words"] else None,
+            "bytes_per_token": round(val["bytes"] / val["tokens"], 4) if val["tokens"] else None,
+        },
+        "tokenizer": {
+            "kind": tokenizer.kind,
+            "encoding": tokenizer.encoding_name,
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+        },
+        "settings": {
+            "min_words": min_words, "split": list(ratios), "salt": salt,
+            "min_portuguese": min_portuguese, "requested_vocab_size": vocab_size,
+        },
+        "dropped": {str(b.id): b.dropped for b in books if b.dropped},
+        "timings": timings,
+    }
+    manifest = {
+        "books": {
+            str(b.id): {"id": b.id, "title": b.title, "author": b.author, "split": b.split, "dropped": b.dropped, **b.info}
+            for b in books
+        }
+    }
+    _write_json(out / "manifest.json", manifest)
+    _write_json(out / "stats.json", stats)
+    return stats
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """'90/5/5', '0.9,0.05,0.05' or '90 5 5' -> fractions summing to 1."""
+    try:
+        parts = [float(p) for p in text.replace("/", " ").replace(",", " ").split()]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0 or parts[0] <= 0:
+        raise argparse.ArgumentTypeError(f"--split {text!r}: expected three non-negative ratios with train > 0, e.g. 90/5/5")
+    total = sum(parts)
+    return tuple(p / total for p in parts)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="clean, filter, split and tokenise downloaded books into training shards",
+        description="Decode and clean every book in RAW, drop non-Portuguese and duplicate books, split by book id, "
+        "train a byte-level BPE tokenizer on the train split (or use a tiktoken encoding) and write "
+        "OUT/{train,val,test}.bin, tokenizer.json, stats.json and manifest.json.",
+    )
+    parser.add_argument("--raw", default="data/raw", help="folder written by `gtransformer download` (default data/raw)")
+    parser.add_argument("--out", default="data/prepared", help="output folder (default data/prepared)")
+    parser.add_argument("--vocab-size", type=int, default=32768, help="BPE vocabulary size incl. <|endoftext|> (default 32768)")
+    parser.add_argument("--min-words", type=int, default=5,
+                        help="drop paragraphs with fewer words, except dialogue lines and short sentences (default 5)")
+    parser.add_argument("--split", type=parse_split, default=(0.9, 0.05, 0.05),
+                        help="train/val/test ratios by book, e.g. 90/5/5 (default)")
+    parser.add_argument("--seed", default="gtransformer", help="salt of the book-id hash that picks splits (default gtransformer)")
+    parser.add_argument("--tiktoken", metavar="ENCODING",
+                        help="use this tiktoken encoding (e.g. o200k_base) instead of training BPE; must be available offline")
+    parser.add_argument("--min-portuguese", type=float, default=0.5,
+                        help="drop books with a smaller share of words in Portuguese passages (default 0.5)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes for cleaning (default min(2, CPUs))")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.min_words < 0:
+        raise UserError(f"--min-words {args.min_words} must not be negative")
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers} must be at least 1")
+    if not 0 <= args.min_portuguese <= 1:
+        raise UserError(f"--min-portuguese {args.min_portuguese} must lie between 0 and 1")
+    started = time.perf_counter()
+    stats = prepare(
+        args.raw, args.out, vocab_size=args.vocab_size, min_words=args.min_words, ratios=args.split,
+        salt=args.seed, tiktoken_encoding=args.tiktoken, workers=args.workers, min_portuguese=args.min_portuguese,
+    )
+    books = stats["books"]
+    print(f"prepare: {books['kept']} of {books['raw']} books kept, {books['dropped']} dropped ({time.perf_counter() - started:.1f}s)")
+    for split, s in stats["splits"].items():
+        print(f"  {split:5s} {s['books']:4d} books {s['bytes'] / 1e6:8.2f} MB {s['tokens']:>11,d} tokens")
+    print(f"  val: {stats['val']['tokens_per_word']} tokens/word, {stats['val']['bytes_per_token']} bytes/token")
+    for book_id, reason in stats["dropped"].items():
+        print(f"  dropped {book_id}: {reason}")
+    print(f"wrote {args.out}/{{train,val,test}}.bin, tokenizer.json, stats.json, manifest.json")
+    return 0
