@@ -1,0 +1,337 @@
+"""Text generation: a preallocated KV cache, sampling, and streaming text; the `generate` command.
+
+    prompts ─► left-pad to one batch ─► prefill (one forward, fills the cache)
+            ─► loop: sample next token ─► forward 1 token per row (cache grows in place)
+    tokens ─► TextStream: bytes of each token -> incremental UTF-8 decoder -> stop strings -> text
+
+Left padding keeps every row's newest token in the same cache slot; each
+row's RoPE positions start at 0 at its first real token, and padding slots
+are masked, so a batched row produces the same logits as that prompt alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import secrets
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gtransformer.errors import UserError
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 200  # upper bound on generated tokens per prompt
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int | None = None  # keep only the k most likely tokens (None/0 = all)
+    top_p: float | None = None  # keep the smallest set whose probability reaches p (None/1 = all)
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output (CTRL / HF rule)
+    stop_token_ids: Sequence[int] = ()  # generation of a row ends at any of these (not included in output)
+    stop_strings: Sequence[str] = field(default_factory=tuple)  # text generation ends before any of these
+    seed: int | None = None  # same seed, same model, same prompt -> same text
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise UserError(f"max_new_tokens = {self.max_new_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise UserError(f"temperature = {self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 0:
+            raise UserError(f"top_k = {self.top_k} must be >= 0 (0 = no top-k filter)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p = {self.top_p} must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty = {self.repetition_penalty} must be > 0 (1 = off)")
+        if any(not s for s in self.stop_strings):
+            raise UserError("stop strings must not be empty")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive / multiply negative logits of already-seen tokens (so they always get less likely)."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the first one always stays.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, seen: torch.Tensor | None
+) -> torch.Tensor:
+    """logits (B, V) float32 -> next token ids (B,)."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    weight = model.embed_tokens.weight
+    return weight.device, weight.dtype
+
+
+@torch.inference_mode()
+def iter_tokens(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> Iterator[list[int]]:
+    """Yield, step by step, the next token of every row (-1 once a row has stopped).
+
+    A row stops at one of `sampling.stop_token_ids` (which is not yielded, -1 is)
+    or after `max_new_tokens`; the iterator ends when every row has stopped.
+    """
+    sampling.validate()
+    from gtransformer.model import KVCache
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token; pass some text or start from the end-of-text token")
+    config = model.config
+    lengths = [len(p) for p in prompts]
+    longest, batch = max(lengths), len(prompts)
+    total = longest + sampling.max_new_tokens
+    if total > config.context_length:
+        raise UserError(
+            f"prompt ({longest} tokens) + max_new_tokens ({sampling.max_new_tokens}) = {total} exceeds the model's "
+            f"context_length ({config.context_length}); shorten the prompt or lower max_new_tokens"
+        )
+    if sampling.max_new_tokens == 0:
+        return
+    device, dtype = model_device_dtype(model)
+    was_training = model.training
+    model.eval()
+    try:
+        pad = torch.tensor([longest - n for n in lengths], device=device)
+        padded = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        ragged = any(n != longest for n in lengths)
+        cache = KVCache(config, batch, total, device, dtype, pad=pad if ragged else None)
+        generator = None
+        if sampling.temperature > 0:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(batch, config.vocab_size, dtype=torch.bool, device=device)
+            real = torch.arange(longest, device=device)[None, :] >= pad[:, None]
+            seen.scatter_(1, padded, real)
+        stop_ids = torch.tensor(sorted(set(sampling.stop_token_ids)) or [-2], device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+        positions = torch.arange(longest, device=device)[None, :] - pad[:, None] if ragged else None
+        logits = model(padded, cache=cache, position_ids=positions, last_logits_only=True).logits[:, -1].float()
+        next_positions = torch.tensor(lengths, device=device)[:, None] if ragged else None
+        for step in range(sampling.max_new_tokens):
+            token = sample_next(logits, sampling, generator, seen)
+            finished |= torch.isin(token, stop_ids)
+            token = token.masked_fill(finished, -1)
+            ids = token.tolist()
+            yield ids
+            if all(t == -1 for t in ids) or step == sampling.max_new_tokens - 1:
+                return
+            feed = token.clamp(min=0)[:, None]
+            if seen is not None:
+                seen.scatter_(1, feed, ~finished[:, None])
+            logits = model(feed, cache=cache, position_ids=next_positions).logits[:, -1].float()
+            if next_positions is not None:
+                next_positions += 1
+    finally:
+        model.train(was_training)
+
+
+def generate(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[int]]:
+    """Token ids generated after each prompt (stop tokens excluded)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for ids in iter_tokens(model, prompts, sampling):
+        for row, token in zip(out, ids):
+            if token >= 0:
+                row.append(token)
+    return out
+
+
+class TextStream:
+    """Turns one row's tokens into text pieces that never split a UTF-8 character or cross a stop string."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded text held back because it may be the start of a stop string
+        self.stopped = False
+
+    def feed(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(self.tokenizer.token_bytes(token_id))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text = self.pending
+        cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.pending = ""
+            return text[:cut]
+        keep = 0
+        if not final:
+            # Hold back the longest tail that is a proper prefix of some stop string.
+            for stop in self.stop_strings:
+                for n in range(min(len(stop) - 1, len(text)), keep, -1):
+                    if text.endswith(stop[:n]):
+                        keep = n
+                        break
+        self.pending = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt)
+    return ids if ids else [tokenizer.eot_id]
+
+
+def _with_default_stops(tokenizer, sampling: SamplingConfig) -> SamplingConfig:
+    if sampling.stop_token_ids:
+        return sampling
+    return SamplingConfig(**{**sampling.__dict__, "stop_token_ids": (tokenizer.eot_id,)})
+
+
+def stream(model, tokenizer, prompt: str, sampling: SamplingConfig) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text pieces, as soon as each is decided.
+
+    Stops at the end-of-text token (unless other stop ids are given), at a
+    stop string (which is not yielded), or after max_new_tokens.
+    """
+    sampling = _with_default_stops(tokenizer, sampling)
+    text = TextStream(tokenizer, sampling.stop_strings)
+    for (token,) in iter_tokens(model, [_prompt_ids(tokenizer, prompt)], sampling):
+        if token < 0:
+            break
+        piece = text.feed(token)
+        if piece:
+            yield piece
+        if text.stopped:
+            return
+    tail = text.finish()
+    if tail:
+        yield tail
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], sampling: SamplingConfig) -> list[str]:
+    """Continuations of several prompts, generated as one batch."""
+    sampling = _with_default_stops(tokenizer, sampling)
+    streams = [TextStream(tokenizer, sampling.stop_strings) for _ in prompts]
+    pieces: list[list[str]] = [[] for _ in prompts]
+    for ids in iter_tokens(model, [_prompt_ids(tokenizer, p) for p in prompts], sampling):
+        for row, token in enumerate(ids):
+            if token >= 0:
+                pieces[row].append(streams[row].feed(token))
+        if all(s.stopped or t < 0 for s, t in zip(streams, ids)):
+            break
+    return ["".join(p) + s.finish() for p, s in zip(pieces, streams)]
+
+
+# ---- the `generate` command ---------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate Portuguese text from a trained model",
+        description="Continue a prompt with a trained model (KV cache, streaming output).",
+    )
+    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (newest checkpoint) or a checkpoint folder")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead of --prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = all (default 50)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold, 1 = off (default 0.95)")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=1.1, help="penalise tokens already present, 1 = off (default 1.1)"
+    )
+    parser.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same text")
+    parser.add_argument("--num-samples", type=int, default=1, help="independent continuations, generated as a batch")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--no-stream", action="store_true", help="print the text once finished instead of streaming")
+    parser.set_defaults(func=run_generate)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gtransformer.checkpoint import load_for_inference
+
+    prompt = args.prompt
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UserError(f"--prompt-file {path} not found")
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--prompt-file {path} is not UTF-8 text; save it as UTF-8") from None
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples {args.num_samples} must be >= 1")
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_strings=tuple(args.stop),
+        seed=args.seed,
+    )
+    sampling.validate()
+    model, tokenizer, _ = load_for_inference(args.run, device=resolve_device(args.device))
+    prompt_len = len(_prompt_ids(tokenizer, prompt))
+    if prompt_len + sampling.max_new_tokens > model.config.context_length:
+        raise UserError(
+            f"prompt ({prompt_len} tokens) + --max-new-tokens {sampling.max_new_tokens} exceeds the model's "
+            f"context_length ({model.config.context_length}); shorten the prompt or lower --max-new-tokens"
+        )
+    out = sys.stdout
+    if args.num_samples == 1 and not args.no_stream:
+        out.write(prompt)
+        out.flush()
+        for piece in stream(model, tokenizer, prompt, sampling):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return 0
+    texts = generate_text(model, tokenizer, [prompt] * args.num_samples, sampling)
+    for i, text in enumerate(texts):
+        if args.num_samples > 1:
+            out.write(f"--- sample {i + 1} ---\n")
+        out.write(prompt + text + "\n")
+    return 0

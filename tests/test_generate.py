@@ -1,0 +1,218 @@
+"""Generation: cached logits equal a full recompute, sampling, stop rules, streaming text, the CLI."""
+
+import argparse
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from gtransformer import generate as generate_module
+from gtransformer.checkpoint import save_checkpoint
+from gtransformer.errors import UserError
+from gtransformer.generate import (
+    SamplingConfig,
+    TextStream,
+    apply_repetition_penalty,
+    filter_logits,
+    generate,
+    generate_text,
+    iter_tokens,
+    stream,
+)
+from gtransformer.model import GPT, ModelConfig
+from gtransformer.tokenizer import Tokenizer
+
+TEXT = (
+    "O coração da nação bateu mais forte. Ação e reação, é só o começo: ótimo, avó, maçã, pão. "
+    "Não há razão para não ler Machado de Assis e Eça de Queirós à noite. "
+) * 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train_bpe([TEXT], vocab_size=300, min_frequency=1)
+
+
+def make_model(vocab_size=300, **overrides) -> GPT:
+    torch.manual_seed(0)
+    values = dict(
+        vocab_size=vocab_size, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+        n_experts=4, top_k=2, expert_hidden=32, init_std=0.1,
+    )
+    values.update(overrides)
+    return GPT(ModelConfig(**values)).eval()
+
+
+def record_step_logits(model, prompts, n_new):
+    """Run greedy generation and keep the last-position logits each cached forward produced."""
+    seen = []
+    handle = model.register_forward_hook(lambda module, args, output: seen.append(output.logits[:, -1].clone()))
+    try:
+        tokens = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, temperature=0))
+    finally:
+        handle.remove()
+    return tokens, seen
+
+
+@pytest.mark.parametrize("expert_impl", ["grouped", "loop"])
+def test_cached_logits_equal_full_recompute_at_every_step(expert_impl):
+    model = make_model(expert_impl=expert_impl)
+    prompt = [5, 17, 42, 8, 99, 3]
+    tokens, step_logits = record_step_logits(model, [prompt], 12)
+    assert len(tokens[0]) == 12 and len(step_logits) == 12  # prefill + 11 single-token steps
+    with torch.no_grad():
+        for i, cached in enumerate(step_logits):
+            full = model(torch.tensor([prompt + tokens[0][:i]])).logits[:, -1]
+            torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+
+
+def test_batch_of_unequal_prompts_matches_each_prompt_alone():
+    model = make_model(qk_norm=True)
+    prompts = [[7, 8, 9, 10, 11, 12, 13], [200], [31, 32, 33]]
+    tokens, step_logits = record_step_logits(model, prompts, 10)
+    with torch.no_grad():
+        for i, cached in enumerate(step_logits):
+            for row, prompt in enumerate(prompts):
+                full = model(torch.tensor([prompt + tokens[row][:i]])).logits[0, -1]
+                torch.testing.assert_close(cached[row], full, atol=1e-5, rtol=0)
+    # and batching does not change what each prompt generates
+    for row, prompt in enumerate(prompts):
+        assert generate(model, [prompt], SamplingConfig(max_new_tokens=10, temperature=0))[0] == tokens[row]
+
+
+def test_seeded_sampling_is_reproducible():
+    model = make_model()
+    sampling = dict(max_new_tokens=20, temperature=1.5, top_k=50, top_p=0.95, repetition_penalty=1.2)
+    a = generate(model, [[1, 2, 3], [4]], SamplingConfig(seed=123, **sampling))
+    b = generate(model, [[1, 2, 3], [4]], SamplingConfig(seed=123, **sampling))
+    c = generate(model, [[1, 2, 3], [4]], SamplingConfig(seed=124, **sampling))
+    assert a == b
+    assert a != c
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, top_k=2, top_p=None))
+    assert kept.tolist() == [[True, True, False, False, False]]
+    kept = torch.isfinite(filter_logits(logits, top_k=None, top_p=0.6))
+    assert kept.tolist() == [[True, True, False, False, False]]  # 0.5 < 0.6, 0.5 + 0.2 reaches it
+    kept = torch.isfinite(filter_logits(logits, top_k=None, top_p=0.1))
+    assert kept.tolist() == [[True, False, False, False, False]]  # the most likely token always stays
+    shuffled = logits[:, [3, 0, 4, 1, 2]]
+    kept = torch.isfinite(filter_logits(shuffled, top_k=None, top_p=0.6))
+    assert kept.tolist() == [[False, True, False, True, False]]
+
+
+def test_repetition_penalty_makes_seen_tokens_less_likely():
+    logits = torch.tensor([[2.0, -1.0, 3.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 3.0]]
+
+
+class ScriptedModel(nn.Module):
+    """Stands in for GPT: emits a fixed token sequence, whatever the input."""
+
+    def __init__(self, script, vocab_size=300):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=vocab_size, context_length=128, d_model=8, n_layers=1, n_heads=2,
+                                  n_kv_heads=1, n_experts=0, expert_hidden=8)
+        self.embed_tokens = nn.Embedding(vocab_size, 8)
+        self.script = list(script)
+        self.step = 0
+
+    def forward(self, input_ids, targets=None, return_stats=False, *, cache=None, position_ids=None,
+                last_logits_only=False):
+        cache.length += input_ids.shape[1]
+        logits = torch.full((input_ids.shape[0], 1, self.config.vocab_size), -10.0)
+        logits[:, 0, self.script[min(self.step, len(self.script) - 1)]] = 10.0
+        self.step += 1
+        return type("Out", (), {"logits": logits})()
+
+
+def byte_tokens(tokenizer, text):
+    """One token per UTF-8 byte: every multi-byte character is split across tokens."""
+    by_bytes = {tokenizer.token_bytes(i): i for i in range(tokenizer.vocab_size)}
+    return [by_bytes[bytes([b])] for b in text.encode("utf-8")]
+
+
+def test_streaming_never_yields_a_broken_character(tokenizer):
+    text = "ação é ótimo 😀 pão"
+    script = byte_tokens(tokenizer, text) + [tokenizer.eot_id]
+    pieces = list(stream(ScriptedModel(script), tokenizer, "x", SamplingConfig(max_new_tokens=60, temperature=0)))
+    assert "".join(pieces) == text
+    assert len(pieces) > 5
+    for piece in pieces:
+        assert "\ufffd" not in piece
+        piece.encode("utf-8")  # a lone surrogate or half character would fail here
+
+
+def test_stream_of_a_real_model_decodes_like_the_tokenizer(tokenizer):
+    model = make_model()
+    sampling = SamplingConfig(max_new_tokens=30, temperature=1.0, seed=7, stop_token_ids=(-5,))
+    pieces = list(stream(model, tokenizer, "O coração", sampling))
+    ids = generate(model, [tokenizer.encode("O coração")], sampling)[0]
+    expected = b"".join(tokenizer.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+    assert "".join(pieces) == expected
+
+
+def test_stop_token_ends_generation_and_is_not_returned(tokenizer):
+    script = byte_tokens(tokenizer, "olá") + [tokenizer.eot_id] + byte_tokens(tokenizer, "mais")
+    tokens = generate(ScriptedModel(script), [[1]], SamplingConfig(max_new_tokens=20, temperature=0,
+                                                                  stop_token_ids=(tokenizer.eot_id,)))
+    assert tokens == [byte_tokens(tokenizer, "olá")]
+
+
+def test_stop_strings_cut_the_text_and_hold_back_partial_matches(tokenizer):
+    script = byte_tokens(tokenizer, "Capítulo um. FIM do livro")
+    sampling = SamplingConfig(max_new_tokens=40, temperature=0, stop_strings=("FIM",))
+    pieces = list(stream(ScriptedModel(script), tokenizer, "x", sampling))
+    assert "".join(pieces) == "Capítulo um. "
+    assert generate_text(ScriptedModel(script), tokenizer, ["x"], sampling) == ["Capítulo um. "]
+    # "F" might start "FIM": it is held back until the next character decides
+    s = TextStream(tokenizer, ["FIM"])
+    assert s.feed(byte_tokens(tokenizer, "a")[0]) == "a"
+    assert s.feed(byte_tokens(tokenizer, "F")[0]) == ""
+    assert s.feed(byte_tokens(tokenizer, "X")[0]) == "FX"
+
+
+def test_max_new_tokens_and_context_errors():
+    model = make_model()
+    assert [len(t) for t in generate(model, [[1, 2], [3]], SamplingConfig(max_new_tokens=7, temperature=0))] == [7, 7]
+    assert list(iter_tokens(model, [[1]], SamplingConfig(max_new_tokens=0))) == []
+    with pytest.raises(UserError, match="exceeds the model's context_length \\(64\\)"):
+        generate(model, [[1] * 60], SamplingConfig(max_new_tokens=10))
+    with pytest.raises(UserError, match="at least one token"):
+        generate(model, [[]], SamplingConfig())
+    with pytest.raises(UserError, match="top_p"):
+        generate(model, [[1]], SamplingConfig(top_p=1.5))
+
+
+def run_command(argv):
+    """Parse and run like the `gtransformer` CLI, with only this module registered."""
+    parser = argparse.ArgumentParser()
+    generate_module.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def test_generate_command_streams_text_from_a_run_folder(tokenizer, tmp_path, capsys):
+    model = make_model(vocab_size=tokenizer.vocab_size)
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, model.state_dict(), {}, {"config": {"model": model.config.to_dict()}})
+    tokenizer.save(run / "tokenizer.json")
+    args = ["generate", str(run), "--prompt", "O coração", "--max-new-tokens", "12", "--seed", "3"]
+    assert run_command(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("O coração") and len(first) > len("O coração")
+    assert run_command(args) == 0
+    assert capsys.readouterr().out == first  # same seed, same text
+    assert run_command(args[:2] + ["--num-samples", "2", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.count("--- sample") == 2
+    assert run_command(args[:2] + ["--max-new-tokens", "500"]) == 2
+    assert "context_length" in capsys.readouterr().err
+    assert run_command(["generate", str(tmp_path / "missing")]) == 2
