@@ -1,0 +1,724 @@
+"""The training loop and the `train` command.
+
+The loop only wires components: config -> data windows -> model -> AdamW +
+LR schedule + precision -> checkpoints / evaluation / samples / logs. Under
+`torchrun` it runs DistributedDataParallel (or FSDP2 with `train.fsdp = true`),
+each rank reading its own slice of every global batch; only rank 0 writes.
+
+Reproducibility: the data order is a function of (seed, epoch), and a checkpoint
+stores the data position, every RNG state, optimizer, schedule, grad scaler and
+the router-bias buffers, so on CPU a resumed run repeats the uninterrupted one bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gtransformer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = ["Era uma vez", "O amor é", "Naquella manhã, a cidade", "Portugal e o Brasil"]
+
+
+@dataclass
+class TrainConfig:
+    """The `[train]` table."""
+
+    seed: int = 1337
+    batch_size: int = 32  # windows per optimizer step, over all processes and accumulation steps
+    micro_batch_size: int = 0  # windows per forward pass per process; 0 = batch_size / processes
+    max_steps: int = 0  # 0 = no step limit (then max_minutes or epochs end the run)
+    max_minutes: float = 0.0  # wall-clock budget; the LR schedule runs on the time fraction too
+    epochs: int = 1  # used only when neither max_steps nor max_minutes is set
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final LR as a fraction of lr
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: last fraction of the run spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = no clipping
+    precision: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile on CUDA
+    fsdp: bool = False  # shard parameters with FSDP2 under torchrun
+    log_every: int = 10
+    eval_every: int = 250  # 0 = only at the end
+    eval_tokens: int = 65536  # validation predictions per evaluation; 0 = whole split
+    eval_batch_size: int = 8
+    checkpoint_every: int = 500  # 0 = only at epoch ends and the end
+    keep_last: int = 3  # periodic checkpoints kept (epoch-end checkpoints are always kept)
+    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    sample_tokens: int = 48
+    sample_temperature: float = 0.8
+    sample_top_k: int = 50
+    sample_seed: int = 1234
+    tensorboard: bool = True  # when the tensorboard package is installed
+    wandb: bool = False  # when also WANDB_API_KEY is set
+    wandb_project: str = "gtransformer"
+
+
+# --- device, precision ------------------------------------------------------------------
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested!r} is not a device; use cpu, cuda, cuda:0, mps or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"train.precision = {requested!r}; use auto, float32, bfloat16 or float16")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        # T4 and P100 (Kaggle, Colab) have no bfloat16: float16 with a gradient scaler instead.
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, precision))
+
+
+# Dense half-precision peak FLOP/s per device. H100 uses the measured ~790 TFLOP/s
+# (the 989 TFLOP/s spec is not reachable by matmuls); others are spec sheet numbers.
+PEAK_FLOPS = {
+    "H200": 790e12,
+    "H100": 790e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "V100": 125e12,
+    "T4": 65e12,
+    "P100": 18.7e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s of one device, or None where unknown (CPU): then MFU is omitted."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+# --- optimizer and schedule -------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms / biases / embeddings do not (decaying them only hurts)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.dim() < 2 or "norm" in name or "embed_tokens" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        fused=device.type == "cuda",
+    )
+
+
+def lr_multiplier(config: TrainConfig, step: int, progress: float) -> float:
+    """LR factor at `step` (0-based) when `progress` in [0, 1] of the run is done.
+
+    Warmup is counted in steps; after it the shape follows `progress`, which is
+    the larger of the step fraction and the time fraction, so a time-limited run
+    still ends its decay when its time is up.
+    """
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    floor = config.min_lr_ratio
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "wsd":
+        decay_start = 1.0 - config.decay_fraction
+        if progress < decay_start:
+            return 1.0
+        return 1.0 - (1 - floor) * (progress - decay_start) / max(config.decay_fraction, 1e-9)
+    raise UserError(f"train.schedule = {config.schedule!r}; use cosine, wsd or constant")
+
+
+# --- distributed ------------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_request: str) -> tuple[Distributed, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_request)
+    if world_size <= 1:
+        return Distributed(), device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), enabled=True), device
+
+
+def all_reduce_mean(value: torch.Tensor, dist_info: Distributed) -> torch.Tensor:
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist_info.world_size
+    return value
+
+
+def sync_router_loads(model: torch.nn.Module, dist_info: Distributed) -> None:
+    """Sum the per-expert loads over ranks so every rank moves its router biases identically."""
+    if not dist_info.enabled:
+        return
+    import torch.distributed as dist
+
+    for name, buffer in model.named_buffers():
+        if name.endswith("load_since_update"):
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+
+
+# --- logging ----------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """metrics.jsonl always; TensorBoard and Weights & Biases when available and enabled."""
+
+    def __init__(self, run_dir: Path, config: TrainConfig, tables: dict[str, Any], enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tensorboard = None
+        self.wandb = None
+        if not enabled:
+            return
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
+        if config.wandb:
+            if not os.environ.get("WANDB_API_KEY"):
+                log.warning("train.wandb is true but WANDB_API_KEY is not set; logging to metrics.jsonl only")
+            else:
+                try:
+                    import wandb
+
+                    self.wandb = wandb.init(project=config.wandb_project, name=run_dir.name, config=tables, resume="allow")
+                except ImportError:
+                    log.warning("train.wandb is true but wandb is not installed (pip install wandb)")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "kind")}
+        prefix = row.get("kind", "train")
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(f"{prefix}/{key}", value, row["step"])
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=row["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop rows logged after `after_step` (work after the checkpoint a run resumes from is redone)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= after_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+    try:
+        import resource
+
+        return {"memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # KiB on Linux
+    except ImportError:
+        return {}
+
+
+def summarise_moe_stats(stats: Any) -> dict[str, Any]:
+    """Per-layer expert load (fraction of routed tokens) and mean router aux / z losses."""
+    layers = stats if isinstance(stats, (list, tuple)) else []
+    loads, aux, z = [], [], []
+    for layer in layers:
+        if not layer:
+            continue
+        counts = layer["tokens_per_expert"].float()
+        loads.append([round(float(c), 5) for c in (counts / counts.sum().clamp_min(1)).tolist()])
+        if "aux_loss" in layer:
+            aux.append(float(layer["aux_loss"]))
+        if "z_loss" in layer:
+            z.append(float(layer["z_loss"]))
+    out: dict[str, Any] = {}
+    if loads:
+        out["expert_load"] = loads
+    if aux:
+        out["router_aux_loss"] = sum(aux) / len(aux)
+    if z:
+        out["router_z_loss"] = sum(z) / len(z)
+    return out
+
+
+# --- samples ----------------------------------------------------------------------------
+
+
+def generate_samples(model: torch.nn.Module, tokenizer, config: TrainConfig, device: torch.device) -> list[dict[str, str]]:
+    """Continue each prompt with a fixed seed; the global RNG is left untouched for the run."""
+    from gtransformer.generate import generate_text
+
+    samples = []
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        for index, prompt in enumerate(config.sample_prompts):
+            text = generate_text(
+                model,
+                tokenizer,
+                prompt,
+                max_new_tokens=config.sample_tokens,
+                temperature=config.sample_temperature,
+                top_k=config.sample_top_k,
+                seed=config.sample_seed + index,
+                device=device,
+            )
+            samples.append({"prompt": prompt, "text": text})
+    return samples
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0  # training wall time before this session (for --max-minutes across resumes)
+
+
+def resolve_tables(args) -> dict[str, dict[str, Any]]:
+    """[model], [train], [data] from --config (or the run folder on --resume) plus --set and flags."""
+    from gtransformer.config import apply_overrides, load_toml
+
+    out = Path(args.out)
+    if args.resume and (out / "config.toml").is_file():
+        tables = load_toml(out / "config.toml")
+    elif args.config:
+        tables = load_toml(args.config)
+    else:
+        raise UserError("pass --config configs/<preset>.toml (or --resume with an existing run folder)")
+    tables = {k: dict(v) if isinstance(v, dict) else v for k, v in tables.items()}
+    apply_overrides(tables, args.set or [])
+    tables.setdefault("model", {})
+    tables.setdefault("train", {})
+    tables.setdefault("data", {})
+    if args.max_steps is not None:
+        tables["train"]["max_steps"] = args.max_steps
+    if args.max_minutes is not None:
+        tables["train"]["max_minutes"] = float(args.max_minutes)
+    if args.data:
+        tables["data"]["path"] = str(Path(args.data).resolve())
+    if not tables["data"].get("path"):
+        raise UserError("pass --data with a prepared corpus folder (from `gtransformer prepare --out DIR`)")
+    return tables
+
+
+def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool = False, device: str = "auto",
+          stop_at_step: int | None = None, progress_bar: bool = True) -> dict[str, Any]:
+    """Train (or continue) the run in `out_dir`; returns the final metrics row.
+
+    `stop_at_step` ends this session early (with a checkpoint) without changing
+    the schedule, for time-limited sessions that continue later with `resume`.
+    """
+    from gtransformer.checkpoint import (
+        latest_checkpoint,
+        load_model_state,
+        load_train_state,
+        read_meta,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
+    from gtransformer.config import from_dict, to_toml
+    from gtransformer.data import WindowLoader
+    from gtransformer.evaluate import evaluate_split, token_byte_lengths
+    from gtransformer.model import GPT, ModelConfig
+    from gtransformer.shards import read_shard
+    from gtransformer.tokenizer import Tokenizer
+
+    out_dir = Path(out_dir)
+    data_dir = Path(tables["data"]["path"])
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        if not (data_dir / name).is_file():
+            raise UserError(f"{data_dir / name} not found; run `gtransformer prepare --out {data_dir}` first")
+    model_config = from_dict(ModelConfig, dict(tables["model"]), "model")
+    config = from_dict(TrainConfig, dict(tables["train"]), "train")
+    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size = {model_config.vocab_size}; "
+            f"add --set model.vocab_size={tokenizer.vocab_size}"
+        )
+    stats_path = data_dir / "stats.json"
+    split_stats = json.loads(stats_path.read_text(encoding="utf-8")).get("splits", {}) if stats_path.is_file() else {}
+
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is not None and not resume:
+        raise UserError(f"{out_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
+    if resume and checkpoint is None:
+        log.warning("--resume: no checkpoint in %s yet, starting from scratch", out_dir)
+
+    dist_info, device = init_distributed(device)
+    precision = resolve_precision(config.precision, device)
+    autocast = autocast_context(device, precision)
+
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.toml").write_text(
+            to_toml({"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config), "data": tables["data"]}),
+            encoding="utf-8",
+        )
+        shutil.copyfile(data_dir / "tokenizer.json", out_dir / "tokenizer.json")
+
+    torch.manual_seed(config.seed)
+    model = GPT(model_config).to(device)
+    optimizer = build_optimizer(model, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16")
+    micro_batch = config.micro_batch_size or max(config.batch_size // dist_info.world_size, 1)
+    loader = WindowLoader(
+        read_shard(data_dir / "train.bin"),
+        model_config.context_length,
+        config.batch_size,
+        micro_batch,
+        config.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+    )
+    val_tokens = read_shard(data_dir / "val.bin")
+    byte_lengths = token_byte_lengths(tokenizer)
+    state = RunState()
+
+    if resume and checkpoint is not None:
+        model.load_state_dict(load_model_state(checkpoint))
+        saved = load_train_state(checkpoint)
+        optimizer.load_state_dict(saved["optimizer"])
+        scaler.load_state_dict(saved["scaler"])
+        loader.load_state_dict(saved["data"])
+        state = RunState(**saved["run"])
+        set_rng_state(saved["rng"])
+        if dist_info.is_main:
+            truncate_jsonl(out_dir / "metrics.jsonl", state.step)
+            truncate_jsonl(out_dir / "samples.jsonl", state.step)
+        log.info("resumed from %s (step %d, epoch %d)", checkpoint, state.step, read_meta(checkpoint).get("epoch", 0))
+
+    raw_model = model
+    if dist_info.enabled and config.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in raw_model.layers:
+            fully_shard(block)
+        fully_shard(raw_model)
+        optimizer = build_optimizer(raw_model, config, device)
+        if resume and checkpoint is not None:
+            log.warning("FSDP resume restores weights but not optimizer moments yet")
+    elif dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile and device.type == "cuda":
+        model = torch.compile(model)
+
+    max_steps = config.max_steps
+    budget_s = config.max_minutes * 60.0
+    if not max_steps and not budget_s:
+        max_steps = config.epochs * loader.batches_per_epoch
+    tokens_per_step = config.batch_size * model_config.context_length
+    peak = device_peak_flops(device)
+    flops_per_token = raw_model.flops_per_token() if hasattr(raw_model, "flops_per_token") else None
+    metrics = MetricsLogger(out_dir, config, tables, enabled=dist_info.is_main)
+
+    def progress_fraction(elapsed: float) -> float:
+        parts = []
+        if max_steps:
+            parts.append(state.step / max_steps)
+        if budget_s:
+            parts.append(elapsed / budget_s)
+        return max(parts)
+
+    def finished(elapsed: float) -> bool:
+        return (bool(max_steps) and state.step >= max_steps) or (bool(budget_s) and elapsed >= budget_s)
+
+    def model_state() -> dict[str, torch.Tensor]:
+        if dist_info.enabled and config.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return raw_model.state_dict()
+
+    def save(epoch_end: bool, elapsed: float) -> None:
+        weights = model_state()  # collective under FSDP: every rank takes part
+        if not dist_info.is_main:
+            return
+        train_state = {
+            "optimizer": optimizer.state_dict() if not config.fsdp else {},
+            "scaler": scaler.state_dict(),
+            "data": loader.state_dict(),
+            "run": {"step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": elapsed},
+            "rng": rng_state(),
+        }
+        meta = {
+            "epoch": loader.position.epoch,
+            "tokens_seen": state.tokens_seen,
+            "keep": epoch_end,
+            "config": {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config), "data": tables["data"]},
+        }
+        path = save_checkpoint(out_dir, state.step, weights, train_state, meta, keep_last=config.keep_last)
+        log.info("saved %s", path)
+
+    def evaluate_and_sample(elapsed: float) -> dict[str, Any]:
+        eval_model = raw_model
+        result = evaluate_split(
+            eval_model,
+            val_tokens,
+            model_config.context_length,
+            byte_lengths,
+            split_bytes=split_stats.get("val", {}).get("bytes"),
+            max_targets=config.eval_tokens or None,
+            batch_size=config.eval_batch_size,
+            device=device,
+            autocast=autocast_context(device, precision),
+        )
+        row = {"kind": "eval", "step": state.step, "tokens": state.tokens_seen, "elapsed_s": elapsed,
+               **{f"val_{k}": v for k, v in result.items()}}
+        metrics.write(row)
+        if config.sample_prompts and not config.fsdp:
+            samples = generate_samples(raw_model, tokenizer, config, device)
+            if dist_info.is_main:
+                with (out_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
+                    for sample in samples:
+                        f.write(json.dumps({"step": state.step, "tokens": state.tokens_seen, **sample}, ensure_ascii=False) + "\n")
+                for sample in samples:
+                    log.info("sample @%d | %s", state.step, (sample["prompt"] + sample["text"]).replace("\n", " ⏎ "))
+        if dist_info.is_main:
+            log.info("eval @%d: val loss %.4f, bits/byte %.4f", state.step, result["loss"], result["bits_per_byte"])
+        return row
+
+    if dist_info.is_main:
+        log.info(
+            "model: %.2fM parameters (%.2fM active), %d processes, grad accumulation %d, precision %s, device %s",
+            raw_model.num_params() / 1e6, raw_model.num_active_params() / 1e6, dist_info.world_size,
+            loader.grad_accum_steps, precision, device,
+        )
+    bar = None
+    if dist_info.is_main and progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_steps or None, initial=state.step, unit="step", dynamic_ncols=True, leave=True)
+
+    session_start = time.perf_counter()
+    elapsed = state.elapsed_s
+    last_row: dict[str, Any] = {}
+    window_start, window_tokens = time.perf_counter(), 0
+    model.train()
+    while not finished(elapsed) and (stop_at_step is None or state.step < stop_at_step):
+        lr = config.lr * lr_multiplier(config, state.step, progress_fraction(elapsed))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        want_stats = (state.step + 1) % config.log_every == 0
+        micro_batches = loader.next_batch()
+        loss_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)
+        step_stats = None
+        for index, (inputs, targets) in enumerate(micro_batches):
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            last = index == len(micro_batches) - 1
+            sync = model.no_sync() if dist_info.enabled and not config.fsdp and not last else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    output = model(inputs, targets=targets, return_stats=want_stats and last)
+                aux = output.aux_loss if output.aux_loss is not None else torch.zeros((), device=device)
+                scaler.scale((output.loss + aux) / len(micro_batches)).backward()
+            loss_sum += output.loss.detach().float()
+            aux_sum += aux.detach().float()
+            if want_stats and last:
+                step_stats = output.stats
+        scaler.unscale_(optimizer)
+        if config.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        sync_router_loads(raw_model, dist_info)
+        raw_model.update_router_biases()
+        state.step += 1
+        state.tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+        elapsed = state.elapsed_s + time.perf_counter() - session_start
+        epoch_ended = loader.epoch_just_ended
+
+        if state.step % config.log_every == 0 or finished(elapsed):
+            loss = float(all_reduce_mean(loss_sum / len(micro_batches), dist_info))
+            aux_loss = float(all_reduce_mean(aux_sum / len(micro_batches), dist_info))
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            now = time.perf_counter()
+            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+            window_start, window_tokens = now, 0
+            row = {
+                "kind": "train",
+                "step": state.step,
+                "epoch": loader.position.epoch + loader.position.batch_in_epoch / loader.batches_per_epoch,
+                "tokens": state.tokens_seen,
+                "loss": loss,
+                "aux_loss": aux_loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens_per_s,
+                "elapsed_s": elapsed,
+                **memory_stats(device),
+            }
+            if precision == "float16":
+                row["grad_scale"] = float(scaler.get_scale())
+            if peak and flops_per_token:
+                row["mfu"] = tokens_per_s * flops_per_token / (peak * dist_info.world_size)
+            if step_stats is not None:
+                row.update(summarise_moe_stats(step_stats))
+            metrics.write(row)
+            last_row = row
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
+            if not math.isfinite(loss):
+                raise UserError(
+                    f"the loss became {loss} at step {state.step}; lower train.lr or use train.precision=float32"
+                )
+        if bar is not None:
+            bar.update(1)
+
+        done = finished(elapsed) or (stop_at_step is not None and state.step >= stop_at_step)
+        if config.eval_every and state.step % config.eval_every == 0 and not done:
+            evaluate_and_sample(elapsed)
+        if epoch_ended or (config.checkpoint_every and state.step % config.checkpoint_every == 0) or done:
+            save(epoch_end=epoch_ended, elapsed=elapsed)
+
+    if bar is not None:
+        bar.close()
+    if state.step > 0 and (stop_at_step is None or finished(elapsed)):
+        last_row = {**last_row, **evaluate_and_sample(elapsed)}
+    metrics.close()
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return last_row
+
+
+# --- command ----------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model on a prepared corpus (resumable; multi-GPU under torchrun)",
+        description="Train the GQA + MoE model. Single process: `gtransformer train ...`; "
+        "several GPUs / nodes: `torchrun --nproc_per_node=N -m gtransformer train ...`.",
+    )
+    parser.add_argument("--config", help="TOML preset with [model] and [train] tables, e.g. configs/tiny.toml")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
+    parser.add_argument("--data", help="prepared corpus folder (from `gtransformer prepare --out`)")
+    parser.add_argument("--out", required=True, help="run folder for config, tokenizer, logs and checkpoints")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (sets train.max_steps)")
+    parser.add_argument("--max-minutes", type=float,
+                        help="stop after this many minutes of training; the LR schedule fits itself to it")
+    parser.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    parser.add_argument("--stop-at-step", type=int,
+                        help="end this session at this step with a checkpoint, keeping the schedule "
+                        "(for time-limited sessions; continue later with --resume)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    tables = resolve_tables(args)
+    row = train(tables, args.out, resume=args.resume, device=args.device, stop_at_step=args.stop_at_step,
+                progress_bar=not args.no_progress)
+    if row and int(os.environ.get("RANK", "0")) == 0:
+        summary = {k: row[k] for k in ("step", "tokens", "loss", "val_loss", "val_bits_per_byte") if k in row}
+        print(json.dumps(summary))
+    return 0

@@ -1,0 +1,121 @@
+"""The training loop: bit-identical resume, float16 with a scaler, schedules, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gtransformer.cli import main
+from gtransformer.errors import UserError
+from gtransformer.train import TrainConfig, lr_multiplier, resolve_precision, train
+
+from test_data import make_corpus, tiny_tables
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def train_losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+
+def test_resume_is_bit_identical(corpus, tmp_path):
+    # balance="bias" so the router-bias buffers must survive the checkpoint too;
+    # micro batches of 4 so gradient accumulation is part of what is resumed.
+    tables = tiny_tables(corpus, max_steps=12, micro_batch_size=4, eval_every=4, checkpoint_every=5)
+    tables["model"]["balance"] = "bias"
+    train(tables, tmp_path / "straight", progress_bar=False)
+    train(tables, tmp_path / "resumed", stop_at_step=6, progress_bar=False)
+    assert [s for s, _ in train_losses(tmp_path / "resumed")] == list(range(1, 7))
+    train(tables, tmp_path / "resumed", resume=True, progress_bar=False)
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert len(straight) == 12
+    assert straight == resumed  # exact float equality, not approx
+    evals = [[json.loads(l)["val_loss"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(l)["kind"] == "eval"] for run in ("straight", "resumed")]
+    assert evals[0] == evals[1] and len(evals[0]) == 3  # steps 4, 8 and the final 12
+
+
+def test_float16_with_grad_scaler_stays_finite(corpus, tmp_path):
+    row = train(tiny_tables(corpus, max_steps=6, precision="float16"), tmp_path / "fp16", progress_bar=False)
+    rows = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == 6 and all(l == l and l < 10 for l in losses)
+    assert "grad_scale" in rows[0]
+    assert row["val_loss"] == row["val_loss"]
+
+
+def test_checkpoints_keep_last_and_epoch_ends(tmp_path):
+    small = make_corpus(tmp_path / "small", sentences=150)
+    tables = tiny_tables(small, max_steps=20, batch_size=16, checkpoint_every=3, keep_last=2)
+    run = tmp_path / "run"
+    train(tables, run, progress_bar=False)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    metas = {n: json.loads((run / "checkpoints" / n / "meta.json").read_text()) for n in names}
+    epoch_ends = [n for n, m in metas.items() if m["keep"]]
+    assert epoch_ends, "an epoch ended within 20 steps, its checkpoint must be kept"
+    assert names[-2:] == ["step-0000018", "step-0000020"]
+    assert set(names) == set(epoch_ends) | {"step-0000018", "step-0000020"}
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    # The run folder is self-contained for later commands.
+    assert (run / "config.toml").is_file() and (run / "tokenizer.json").is_file()
+
+
+def test_schedules_warm_up_and_decay_to_the_floor():
+    cosine = TrainConfig(warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_multiplier(cosine, 0, 0.0) == pytest.approx(0.1)
+    assert lr_multiplier(cosine, 9, 0.0) == pytest.approx(1.0)
+    assert lr_multiplier(cosine, 50, 0.5) == pytest.approx(0.55)
+    assert lr_multiplier(cosine, 99, 1.0) == pytest.approx(0.1)
+    wsd = TrainConfig(warmup_steps=0, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert lr_multiplier(wsd, 5, 0.7) == 1.0
+    assert lr_multiplier(wsd, 5, 0.9) == pytest.approx(0.5)
+    assert lr_multiplier(wsd, 5, 1.0) == pytest.approx(0.0)
+    with pytest.raises(UserError):
+        lr_multiplier(TrainConfig(schedule="linear", warmup_steps=0), 1, 0.5)
+
+
+def test_time_budget_ends_the_run_with_the_schedule_finished(corpus, tmp_path, monkeypatch):
+    # A fake clock (each reading is 50 ms later) keeps this independent of machine load.
+    import time
+
+    clock = iter(range(10**9))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock) * 0.05)
+    tables = tiny_tables(corpus, max_minutes=0.05, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.5)
+    row = train(tables, tmp_path / "timed", progress_bar=False)
+    assert row["elapsed_s"] >= 0.05 * 60 and row["step"] > 10
+    lrs = [json.loads(l)["lr"] for l in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(l)["kind"] == "train"]
+    assert max(lrs) == pytest.approx(3e-3)  # the stable phase ran at the peak
+    assert lrs[-1] < 0.1 * 3e-3  # and the decay reached its end when the time was up
+    assert all(a >= b for a, b in zip(lrs[len(lrs) // 2 :], lrs[len(lrs) // 2 + 1 :]))
+
+
+def test_precision_auto_is_float32_on_cpu():
+    import torch
+
+    assert resolve_precision("auto", torch.device("cpu")) == "float32"
+    with pytest.raises(UserError):
+        resolve_precision("float8", torch.device("cpu"))
+
+
+def test_cli_user_errors(corpus, tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    from gtransformer.config import to_toml
+
+    config.write_text(to_toml(tiny_tables(corpus, max_steps=2)))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "r"), "--data", str(tmp_path / "nope")]) == 2
+    assert "prepare" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "r"), "--set", "train.bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert [s for s, _ in train_losses(tmp_path / "r")] == [1, 2, 3, 4]
