@@ -27,7 +27,8 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
 def test_resume_is_bit_identical(corpus, tmp_path):
     # balance="bias" so the router-bias buffers must survive the checkpoint too;
     # micro batches of 4 so gradient accumulation is part of what is resumed.
-    tables = tiny_tables(corpus, max_steps=12, micro_batch_size=4, eval_every=4, checkpoint_every=5)
+    tables = tiny_tables(corpus, max_steps=12, micro_batch_size=4, eval_every=4, checkpoint_every=5,
+                         sample_prompts=["Era uma", "A casa"], sample_tokens=8)
     tables["model"]["balance"] = "bias"
     train(tables, tmp_path / "straight", progress_bar=False)
     train(tables, tmp_path / "resumed", stop_at_step=6, progress_bar=False)
@@ -39,6 +40,8 @@ def test_resume_is_bit_identical(corpus, tmp_path):
     evals = [[json.loads(l)["val_loss"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
               if json.loads(l)["kind"] == "eval"] for run in ("straight", "resumed")]
     assert evals[0] == evals[1] and len(evals[0]) == 3  # steps 4, 8 and the final 12
+    samples = [(tmp_path / run / "samples.jsonl").read_text() for run in ("straight", "resumed")]
+    assert samples[0] == samples[1] and len(samples[0].splitlines()) == 6
 
 
 def test_float16_with_grad_scaler_stays_finite(corpus, tmp_path):

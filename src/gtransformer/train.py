@@ -67,6 +67,8 @@ class TrainConfig:
     sample_tokens: int = 48
     sample_temperature: float = 0.8
     sample_top_k: int = 50
+    sample_top_p: float = 0.95
+    sample_repetition_penalty: float = 1.1
     sample_seed: int = 1234
     tensorboard: bool = True  # when the tensorboard package is installed
     wandb: bool = False  # when also WANDB_API_KEY is set
@@ -337,25 +339,23 @@ def summarise_moe_stats(stats: Any) -> dict[str, Any]:
 # --- samples ----------------------------------------------------------------------------
 
 
-def generate_samples(model: torch.nn.Module, tokenizer, config: TrainConfig, device: torch.device) -> list[dict[str, str]]:
-    """Continue each prompt with a fixed seed; the global RNG is left untouched for the run."""
-    from gtransformer.generate import generate_text
+def generate_samples(model: torch.nn.Module, tokenizer, config: TrainConfig, context: int) -> list[dict[str, str]]:
+    """Continue each prompt with its own fixed seed (its own generator: the run's RNG is untouched)."""
+    from gtransformer.generate import SamplingConfig, generate_text
 
     samples = []
-    fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        for index, prompt in enumerate(config.sample_prompts):
-            text = generate_text(
-                model,
-                tokenizer,
-                prompt,
-                max_new_tokens=config.sample_tokens,
-                temperature=config.sample_temperature,
-                top_k=config.sample_top_k,
-                seed=config.sample_seed + index,
-                device=device,
-            )
-            samples.append({"prompt": prompt, "text": text})
+    for index, prompt in enumerate(config.sample_prompts):
+        room = context - max(len(tokenizer.encode(prompt)), 1)
+        sampling = SamplingConfig(
+            max_new_tokens=max(min(config.sample_tokens, room), 0),
+            temperature=config.sample_temperature,
+            top_k=config.sample_top_k or None,
+            top_p=config.sample_top_p,
+            repetition_penalty=config.sample_repetition_penalty,
+            seed=config.sample_seed + index,
+        )
+        (text,) = generate_text(model, tokenizer, [prompt], sampling)
+        samples.append({"prompt": prompt, "text": text})
     return samples
 
 
@@ -565,7 +565,7 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
                **{f"val_{k}": v for k, v in result.items()}}
         metrics.write(row)
         if config.sample_prompts and not config.fsdp:
-            samples = generate_samples(raw_model, tokenizer, config, device)
+            samples = generate_samples(raw_model, tokenizer, config, model_config.context_length)
             if dist_info.is_main:
                 with (out_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
                     for sample in samples:
