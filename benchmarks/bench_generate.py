@@ -1,0 +1,151 @@
+"""Batch-1 generation speed of our GPT (preallocated KV cache) against Hugging Face `generate`.
+
+Both models get the same random prompt and decode greedily for exactly
+`--new-tokens` tokens (no end-of-text stop). Time covers the whole call, prefill
+included; tokens/s = new tokens / seconds. Models alternate, a short warm-up
+generation per model is excluded, and the median over repetitions is reported.
+
+The tiny preset's context_length (256) is shorter than 32 + 256 tokens, so when
+prompt + new tokens exceed it, context_length is raised for both models: that only
+sizes the RoPE table and the KV cache, not any weight.
+
+    python benchmarks/bench_generate.py --preset tiny
+    python benchmarks/bench_generate.py --preset base --device cuda --dtype bf16 --models ours,hf:grouped_mm
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import UserError  # noqa: E402
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", help="model preset in configs/ (tiny, base, ...) or a TOML path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a [model] key of the preset, e.g. --set n_layers=2 (repeatable)")
+    p.add_argument("--models", default="ours,hf:grouped_mm",
+                   help="comma-separated models: ours and/or hf:grouped_mm, hf:eager, hf:batched_mm")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per repetition")
+    p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported")
+    p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the untimed warm-up generation")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bf16"], help="weights and KV cache dtype")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write all results to this JSON file")
+    return p
+
+
+def generate_ours(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    from gtransformer.generate import SamplingConfig, generate
+
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+    return generate(model, [prompt.tolist()], sampling)[0]
+
+
+def generate_hf(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    from transformers import GenerationConfig
+
+    # eos None and min_new_tokens = max_new_tokens: exactly new_tokens tokens, never an early stop.
+    config = GenerationConfig(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        eos_token_id=None, pad_token_id=0, bos_token_id=None,
+    )
+    input_ids = prompt[None].to(model.device)
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"bench_generate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    device = common.resolve_device(args.device)
+    common.set_threads(args.threads)
+    if min(args.prompt_len, args.new_tokens, args.reps, args.warmup_tokens) < 1:
+        raise UserError("--prompt-len, --new-tokens, --reps and --warmup-tokens must be at least 1")
+    model_config = common.load_model_config(args.preset, args.set)
+    needed = args.prompt_len + args.new_tokens
+    raised_context = needed > model_config.context_length
+    if raised_context:
+        model_config = common.load_model_config(args.preset, [*args.set, f"context_length={needed}"])
+
+    names = common.parse_models(args.models)
+    env = common.environment(device)
+    print(f"# bench_generate  {env['date']}  commit {env['commit']}  {env.get('gpu', env['cpu'])}  "
+          f"threads {env['torch_threads']}  torch {env['torch']}  transformers {env['transformers']}")
+    print(f"# preset {args.preset}  batch 1  prompt {args.prompt_len} + {args.new_tokens} new tokens greedy  "
+          f"dtype {args.dtype}  reps {args.reps}"
+          + (f"  (context_length raised to {needed} for both)" if raised_context else ""))
+
+    weight_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    prompt = torch.randint(0, model_config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(7))
+    models, generators = {}, {}
+    for name in names:
+        model = common.build_model(name, model_config, device).to(weight_dtype).eval()
+        models[name] = model
+        generators[name] = generate_ours if name == "ours" else generate_hf
+
+    for name in names:
+        got = generators[name](models[name], prompt, args.warmup_tokens)
+        if len(got) != args.warmup_tokens:
+            raise RuntimeError(f"{name} generated {len(got)} tokens, expected {args.warmup_tokens}")
+
+    seconds = {name: [] for name in names}
+    peaks = {}
+    for rep in range(args.reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            if torch.device(device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            out: list[int] = []
+            seconds[name].append(common.timed(
+                lambda: out.extend(generators[name](models[name], prompt, args.new_tokens)), device))
+            if len(out) != args.new_tokens:
+                raise RuntimeError(f"{name} generated {len(out)} tokens, expected {args.new_tokens}")
+            if torch.device(device).type == "cuda":
+                # The other models' weights are resident too: count only this model's weights + transients.
+                weights = sum(p.numel() * p.element_size() for p in models[name].parameters())
+                peaks[name] = (torch.cuda.max_memory_allocated() - before + weights) / 2**20
+
+    rows = []
+    for name in names:
+        elapsed = common.median(seconds[name])
+        rows.append({
+            "model": name,
+            "seconds": elapsed,
+            "tokens_per_s": args.new_tokens / elapsed,
+            "tokens_per_s_all": [args.new_tokens / s for s in seconds[name]],
+            "ms_per_token": 1000 * elapsed / args.new_tokens,
+            "peak_mb": peaks.get(name),
+        })
+    if "ours" in models:
+        ours = next(r for r in rows if r["model"] == "ours")
+        for row in rows:
+            row["ours_speedup"] = ours["tokens_per_s"] / row["tokens_per_s"]
+    common.print_table(rows, [("model", "model", ""), ("tokens_per_s", "tokens/s", ",.1f"),
+                              ("ms_per_token", "ms/token", ".2f"), ("peak_mb", "peak MiB", ",.0f"),
+                              ("ours_speedup", "ours x faster", ".2f")])
+    common.write_json(args.json, {"benchmark": "generate", "env": env, "args": vars(args),
+                                  "model_config": common.config_dict(model_config), "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
