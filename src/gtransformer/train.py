@@ -497,7 +497,11 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
     elif dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Buffers are not broadcast: router biases stay equal through identical updates, and
+        # broadcasting would overwrite each rank's own expert-load counts.
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     if config.compile and device.type == "cuda":
         model = torch.compile(model)
 
