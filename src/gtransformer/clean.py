@@ -43,6 +43,9 @@ def decode(raw: bytes) -> tuple[str, str]:
     """
     candidates = ["utf-8-sig"]
     declared = declared_charset(raw)
+    # Files labelled ISO-8859-1 are often CP1252 (curly quotes at 0x93/0x94), as browsers assume.
+    if declared in ("latin-1", "iso8859-1"):
+        declared = "cp1252"
     if declared and declared not in ("utf-8", "utf-8-sig"):
         candidates.append(declared)
     candidates += ["cp1252", "latin-1"]
@@ -123,17 +126,17 @@ _MARKUP = [
     # Illustration/figure placeholders and side notes are not running text.
     (re.compile(r"\[(?:Illustra|Ilustra|Figura|Sidenote|Gravura)[^\]]{0,2000}\]", re.IGNORECASE), ""),
     (re.compile(r"\[\d{1,3}\]"), ""),  # footnote anchors
-    (re.compile(r"(?<![\w_])_(?=\S)([^_\n]{1,200}?)(?<=\S)_(?![\w_])"), r"\1"),  # _italics_
-    (re.compile(r"(?<![\w=])=(?=\S)([^=\n]{1,200}?)(?<=\S)=(?![\w=])"), r"\1"),  # =bold=
+    (re.compile(r"_(?<![\w_]_)(?=\S)([^_\n]{1,200}?)(?<=\S)_(?![\w_])"), r"\1"),  # _italics_
+    (re.compile(r"=(?<![\w=]=)(?=\S)([^=\n]{1,200}?)(?<=\S)=(?![\w=])"), r"\1"),  # =bold=
 ]
 _PUNCTUATION = [
     (re.compile(r"[“”„‟«»〝〞＂]"), '"'),
     (re.compile(r"[‘’‚‛′]"), "'"),
     (re.compile(r"…|\.(?: \.){2,}"), "..."),
-    (re.compile(r"(?<!-)-{2,3}(?!-)"), "—"),  # typewriter em dash
+    (re.compile(r"--(?<!---)-?(?!-)"), "—"),  # typewriter em dash
     (re.compile(r"[―‒]"), "—"),
-    (re.compile(r"(?:(?<=\s)|^)–(?=\s)", re.MULTILINE), "—"),  # spaced en dash is an em dash
-    (re.compile(r"[ \t\u00a0\u2000-\u200a\u202f]+"), " "),
+    (re.compile(r"–(?<!\S–)(?=\s)"), "—"),  # spaced en dash is an em dash
+    (re.compile(r"[ \t\u00a0\u2000-\u200a\u202f]{2,}|[\t\u00a0\u2000-\u200a\u202f]"), " "),
 ]
 _DIALOGUE = re.compile(r"^(?:—|-|–)\s*(?=\S)")
 _WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
@@ -151,7 +154,11 @@ def _is_verse(lines: list[str]) -> bool:
     """Hard-wrapped prose fills lines to ~70 columns; verse and lists leave every line short."""
     if len(lines) < 2:
         return False
-    return max(len(line) for line in lines[:-1]) < 56 and sum(len(line) for line in lines) / len(lines) < 48
+    if max(len(line) for line in lines[:-1]) >= 56 or sum(len(line) for line in lines) / len(lines) >= 48:
+        return False
+    # A narrow prose column continues in lower case; verse lines mostly start with a capital.
+    capitalised = sum(not line[:1].islower() for line in lines[1:])
+    return len(lines) >= 4 or capitalised * 2 >= len(lines) - 1
 
 
 def unwrap(paragraph: str) -> str:
@@ -249,19 +256,25 @@ STOPWORDS: dict[str, frozenset[str]] = {
 LANGUAGES = tuple(STOPWORDS)
 
 
-def language_scores(text: str) -> dict[str, float]:
-    """Share of word tokens that are stop words of each language."""
-    words = [w.lower() for w in _WORD.findall(text)]
+def _scores(words: list[str]) -> dict[str, float]:
     if not words:
         return {lang: 0.0 for lang in LANGUAGES}
     return {lang: sum(w in stop for w in words) / len(words) for lang, stop in STOPWORDS.items()}
 
 
-def detect_language(text: str) -> str | None:
-    """The language whose stop words cover `text` best, or None when too few are found to say."""
-    scores = language_scores(text)
+def _best(scores: dict[str, float]) -> str | None:
     best = max(scores, key=scores.get)
     return best if scores[best] >= 0.12 else None
+
+
+def language_scores(text: str) -> dict[str, float]:
+    """Share of word tokens that are stop words of each language."""
+    return _scores(_WORD.findall(text.lower()))
+
+
+def detect_language(text: str) -> str | None:
+    """The language whose stop words cover `text` best, or None when too few are found to say."""
+    return _best(language_scores(text))
 
 
 def portuguese_share(text: str, chunk_words: int = 200) -> float:
@@ -271,20 +284,17 @@ def portuguese_share(text: str, chunk_words: int = 200) -> float:
     for what it weighs; chunks where no language reaches the floor (tables, numbers,
     lists of names) do not vote.
     """
-    paragraphs = text.split("\n\n")
-    chunk: list[str] = []
-    size = 0
     portuguese = voted = 0
-    for paragraph in paragraphs + [""]:
-        if paragraph:
-            chunk.append(paragraph)
-            size += word_count(paragraph)
-        if size >= chunk_words or (not paragraph and chunk):
-            language = detect_language("\n".join(chunk))
+    chunk: list[str] = []
+    paragraphs = text.lower().split("\n\n")
+    for index, paragraph in enumerate(paragraphs):
+        chunk += _WORD.findall(paragraph)
+        if len(chunk) >= chunk_words or (index == len(paragraphs) - 1 and chunk):
+            language = _best(_scores(chunk))
             if language is not None:
-                voted += size
-                portuguese += size if language == "pt" else 0
-            chunk, size = [], 0
+                voted += len(chunk)
+                portuguese += len(chunk) if language == "pt" else 0
+            chunk = []
     return portuguese / voted if voted else 0.0
 
 

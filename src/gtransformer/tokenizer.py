@@ -13,6 +13,7 @@ Both are byte-level, so `decode(encode(text)) == text` for every string.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -40,6 +41,27 @@ def _byte_decoder() -> dict[str, int]:
     table = {chr(code): byte for byte, code in zip(printable, codes)}
     assert set(table) == set(ByteLevel.alphabet())
     return table
+
+
+# Cut between the two newlines of a paragraph break before a non-space: byte-level BPE's
+# pre-tokenizer always ends a token after the first of those newlines (`\s+(?!\S)`) and
+# gives the second its own token, so encoding the pieces separately changes nothing.
+_PARAGRAPH_CUT = re.compile(r"(?<=\n)(?=\n\S)")
+
+
+def _pieces(text: str, target_chars: int = 4096) -> list[str]:
+    """`text` as consecutive pieces of about `target_chars`, cut only at safe paragraph breaks."""
+    if len(text) <= target_chars:
+        return [text]
+    pieces, current = [], ""
+    for part in _PARAGRAPH_CUT.split(text):
+        current += part
+        if len(current) >= target_chars:
+            pieces.append(current)
+            current = ""
+    if current or not pieces:
+        pieces.append(current)
+    return pieces
 
 
 class Tokenizer:
@@ -147,10 +169,25 @@ class Tokenizer:
         return self._backend.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` over many texts, in parallel threads inside the backend."""
-        if self.kind == "bpe":
-            return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
-        return self._backend.encode_ordinary_batch(list(texts))
+        """`encode` over many texts, in parallel threads inside the backend.
+
+        Long texts (whole books) are cut at paragraph breaks into pieces that the
+        backend's threads share; the ids are exactly those of `encode(text)` because
+        the cuts fall where the pre-tokenizer splits anyway (see `_pieces`).
+        """
+        if self.kind == "tiktoken":
+            return self._backend.encode_ordinary_batch(list(texts))
+        pieces, owners = [], []
+        for index, text in enumerate(texts):
+            for piece in _pieces(text):
+                pieces.append(piece)
+                owners.append(index)
+        fast = getattr(self._backend, "encode_batch_fast", None)  # tokenizers >= 0.21 skips offsets
+        encodings = (fast or self._backend.encode_batch)(pieces, add_special_tokens=False)
+        results: list[list[int]] = [[] for _ in texts]
+        for owner, encoding in zip(owners, encodings):
+            results[owner].extend(encoding.ids)
+        return results
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
