@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _announced: set[tuple[str, str]] = set()
+# At or below this many tokens (a decoding step), CPU uses forward_few_tokens instead of grouped_mm.
+FEW_TOKENS = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,11 +125,30 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # down projection
 
     def forward(
-        self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor, counts: torch.Tensor, impl: str
+        self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor, counts: torch.Tensor | None, impl: str
     ) -> torch.Tensor:
         if impl == "grouped":
+            if x.device.type == "cpu" and x.shape[0] <= FEW_TOKENS:
+                return self.forward_few_tokens(x, top_ids, top_weights)
             return self.forward_grouped(x, top_ids, top_weights, counts)
         return self.forward_loop(x, top_ids, top_weights)
+
+    def forward_few_tokens(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
+        """Decoding on CPU: each token through its own top-k experts, matrix-vector products only.
+
+        Reading the expert ids on the host costs nothing on CPU, and skipping
+        the sort/scatter bookkeeping matters when a step has one token.
+        """
+        rows = []
+        for t, experts in enumerate(top_ids.tolist()):
+            h = x[t : t + 1]
+            y = None
+            for slot, e in enumerate(experts):
+                part = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
+                part = part * top_weights[t, slot].to(part.dtype)
+                y = part if y is None else y + part
+            rows.append(y)
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def forward_loop(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
         """Reference path: one expert at a time (syncs with the host; works everywhere)."""
@@ -177,11 +198,13 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         logits, top_weights, top_ids = self.gate(x)
         n_experts = self.config.n_experts
-        # Counted with scatter_add (not bincount) so the size is static and nothing syncs.
-        counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device).scatter_add_(
-            0, top_ids.reshape(-1), torch.ones_like(top_ids.reshape(-1))
-        )
         impl = choose_expert_impl(self.config.expert_impl, x.device, x.dtype)
+        counts = None
+        if impl == "grouped" or need_losses or (self.training and self.gate.use_bias):
+            # Counted with scatter_add (not bincount) so the size is static and nothing syncs.
+            counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device).scatter_add_(
+                0, top_ids.reshape(-1), torch.ones_like(top_ids.reshape(-1))
+            )
         out = self.experts(x, top_ids, top_weights, counts, impl)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
