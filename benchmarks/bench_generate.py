@@ -95,16 +95,23 @@ def run(args) -> int:
 
     weight_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     prompt = torch.randint(0, model_config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(7))
-    models, generators = {}, {}
+    models, generators, errors = {}, {}, {}
     for name in names:
-        model = common.build_model(name, model_config, device).to(weight_dtype).eval()
-        models[name] = model
-        generators[name] = generate_ours if name == "ours" else generate_hf
-
-    for name in names:
-        got = generators[name](models[name], prompt, args.warmup_tokens)
-        if len(got) != args.warmup_tokens:
-            raise RuntimeError(f"{name} generated {len(got)} tokens, expected {args.warmup_tokens}")
+        generate_fn = generate_ours if name == "ours" else generate_hf
+        # One model failing (an unsupported kernel on some device) must not lose the others' numbers.
+        try:
+            model = common.build_model(name, model_config, device).to(weight_dtype).eval()
+            got = generate_fn(model, prompt, args.warmup_tokens)
+            if len(got) != args.warmup_tokens:
+                raise RuntimeError(f"{name} generated {len(got)} tokens, expected {args.warmup_tokens}")
+            models[name], generators[name] = model, generate_fn
+        except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as exc:
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            print(f"# {name} failed, left out: {errors[name]}", file=sys.stderr)
+            model = None
+    names = [name for name in names if name in models]
+    if not names:
+        raise RuntimeError("every model failed; see the messages above")
 
     seconds = {name: [] for name in names}
     peaks = {}
@@ -139,9 +146,12 @@ def run(args) -> int:
         ours = next(r for r in rows if r["model"] == "ours")
         for row in rows:
             row["ours_speedup"] = ours["tokens_per_s"] / row["tokens_per_s"]
-    common.print_table(rows, [("model", "model", ""), ("tokens_per_s", "tokens/s", ",.1f"),
-                              ("ms_per_token", "ms/token", ".2f"), ("peak_mb", "peak MiB", ",.0f"),
-                              ("ours_speedup", "ours x faster", ".2f")])
+    columns = [("model", "model", ""), ("tokens_per_s", "tokens/s", ",.1f"), ("ms_per_token", "ms/token", ".2f"),
+               ("peak_mb", "peak MiB", ",.0f"), ("ours_speedup", "ours x faster", ".2f")]
+    rows += [{"model": name, "error": message} for name, message in errors.items()]
+    if errors:
+        columns.append(("error", "error", ""))
+    common.print_table(rows, columns)
     common.write_json(args.json, {"benchmark": "generate", "env": env, "args": vars(args),
                                   "model_config": common.config_dict(model_config), "results": rows})
     return 0

@@ -145,7 +145,11 @@ def measure_memory(names, model_config, args, device: str, models) -> dict[str, 
     if args.compile:
         passthrough.append("--compile")
     for name in names:
-        result = common.run_isolated(script, [*passthrough, "--measure-memory", name])
+        try:
+            result = common.run_isolated(script, [*passthrough, "--measure-memory", name])
+        except RuntimeError as exc:
+            print(f"# memory {name} not measured: {str(exc).splitlines()[0]}", file=sys.stderr)
+            continue
         peaks[name] = result["peak_rss_mb"] - result["baseline_rss_mb"]
         print(f"# memory {name}: peak RSS {result['peak_rss_mb']:.0f} MiB, baseline {result['baseline_rss_mb']:.0f} MiB")
     return peaks
@@ -183,16 +187,25 @@ def run(args) -> int:
           f"compile {args.compile}  steps {args.steps} x reps {args.reps} (+{args.warmup} warm-up)")
 
     batches = make_batches(model_config.vocab_size, args.batch, args.seq, device)
-    models = {}
+    models, first_loss, errors = {}, {}, {}
     for name in names:
-        model, optimizer = prepare(name, model_config, args, device)
-        models[name] = (model, optimizer, make_step(name, model, optimizer, batches, device, args.dtype))
-
-    first_loss = {}
-    for name, (_, _, step) in models.items():
-        first_loss[name] = float(step())
-        for _ in range(args.warmup - 1):
-            step()
+        # One model failing (an unsupported kernel on some device) must not lose the others' numbers.
+        try:
+            model, optimizer = prepare(name, model_config, args, device)
+            step = make_step(name, model, optimizer, batches, device, args.dtype)
+            first_loss[name] = float(step())
+            for _ in range(args.warmup - 1):
+                step()
+            models[name] = (model, optimizer, step)
+        except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as exc:
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            print(f"# {name} failed, left out: {errors[name]}", file=sys.stderr)
+            model = optimizer = step = None
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    names = [name for name in names if name in models]
+    if not names:
+        raise RuntimeError("every model failed; see the messages above")
 
     seconds = {name: [] for name in names}
     for rep in range(args.reps):
@@ -233,6 +246,9 @@ def run(args) -> int:
                ("ours_speedup", "ours x faster", ".2f"), ("ours_memory_ratio", "ours/their mem", ".2f")]
     if torch.device(device).type == "cuda":
         columns.insert(3, ("mfu", "MFU", ".1%"))
+    rows += [{"model": name, "error": message} for name, message in errors.items()]
+    if errors:
+        columns.append(("error", "error", ""))
     common.print_table(rows, columns)
     memory_note = "subprocess peak RSS minus import baseline" if device == "cpu" else "weights+optimizer+step peak"
     print(f"# peak memory: {memory_note}; FLOPs/token {flops_per_token:.3e}")

@@ -283,3 +283,4 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
 
 def config_dict(model_config) -> dict[str, Any]:
     return asdict(model_config)
+

@@ -1,0 +1,93 @@
+"""The benchmark scripts at toy size on CPU, so they cannot rot between real runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_generate  # noqa: E402
+import bench_train  # noqa: E402
+import common  # noqa: E402
+
+# One layer, small vocabulary: the same code paths as the tiny preset, in a fraction of the time.
+SMALL = ["--preset", "tiny", "--set", "n_layers=1", "--set", "vocab_size=512", "--device", "cpu", "--threads", "1"]
+
+
+def test_mixtral_config_matches_our_model_exactly():
+    from gtransformer.model import GPT
+
+    config = common.load_model_config("tiny", ["n_layers=2", "vocab_size=512"])
+    ours = GPT(config)
+    hf = common.build_hf(config, "eager", "cpu")
+    assert hf.config._experts_implementation == "eager"
+    assert sum(p.numel() for p in hf.parameters()) == ours.num_params()
+    assert hf.config.num_key_value_heads == config.n_kv_heads
+    assert hf.config.num_experts_per_tok == config.top_k
+    assert hf.config.rope_parameters["rope_theta"] == config.rope_theta
+
+
+def test_bench_train_runs_all_models(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    code = bench_train.main([*SMALL, "--batch", "2", "--seq", "16", "--steps", "1", "--reps", "2", "--warmup", "1",
+                             "--models", "ours,hf:grouped_mm,hf:eager", "--no-memory", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ours x faster" in printed
+    results = {row["model"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(results) == {"ours", "hf:grouped_mm", "hf:eager"}
+    for row in results.values():
+        assert row["tokens_per_s"] > 0 and len(row["tokens_per_s_all"]) == 2
+        # Untrained models at the same init scale start near uniform: log(vocab).
+        assert abs(row["first_loss"] - math.log(512)) < 0.5
+    assert results["ours"]["ours_speedup"] == pytest.approx(1.0)
+
+
+def test_bench_generate_raises_context_and_generates_exact_lengths(tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    code = bench_generate.main([*SMALL, "--set", "context_length=8", "--prompt-len", "4", "--new-tokens", "8",
+                                "--reps", "1", "--warmup-tokens", "2", "--json", str(out)])
+    assert code == 0
+    assert "context_length raised to 12" in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["model_config"]["context_length"] == 12
+    assert {row["model"] for row in payload["results"]} == {"ours", "hf:grouped_mm"}
+    assert all(row["tokens_per_s"] > 0 for row in payload["results"])
+
+
+def test_user_mistakes_exit_2_with_one_line(capsys):
+    assert bench_train.main([*SMALL, "--models", "ours,hf:nope"]) == 2
+    assert "hf:nope" in capsys.readouterr().err
+    assert bench_train.main([*SMALL, "--seq", "4096"]) == 2
+    assert "context_length" in capsys.readouterr().err
+    assert bench_generate.main([*SMALL, "--preset", "no-such-preset"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_end_to_end_on_cpu_with_memory(tmp_path):
+    """gpu.sh's whole path at toy size; on CPU peak memory takes one subprocess per model."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    result = subprocess.run(
+        ["bash", str(BENCH / "gpu.sh"), "--device", "cpu", "--preset", "tiny", "--set", "n_layers=1",
+         "--set", "vocab_size=512", "--batch", "1", "--seq", "8", "--steps", "1", "--reps", "1", "--warmup", "1",
+         "--new-tokens", "2", "--no-compile"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = result.stdout.split("# total", 1)[1]
+    assert "MFU" in summary and "gen tok/s" in summary
+    assert "ours vs hf:grouped_mm: training" in summary and "generation" in summary
+    (run_dir,) = tmp_path.iterdir()
+    assert {p.name for p in run_dir.iterdir()} >= {"train.json", "generate.json", "summary.txt"}
+    train = {row["model"]: row for row in json.loads((run_dir / "train.json").read_text())["results"]}
+    assert train["ours"]["peak_mb"] > 0 and train["hf:grouped_mm"]["peak_mb"] > 0
+    assert train["hf:grouped_mm"]["ours_memory_ratio"] > 0
