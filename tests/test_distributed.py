@@ -54,9 +54,13 @@ def test_two_processes_match_one_with_the_same_global_batch(setup):
     assert [p.name for p in (folder / "ddp" / "checkpoints").iterdir()] == ["step-0000005"]
 
 
-def test_fsdp2_matches_one_process(setup):
+def test_fsdp2_interrupted_and_resumed_matches_one_process(setup):
     folder, config, reference, _ = setup
-    result = torchrun(config, folder / "fsdp", "--set", "train.fsdp=true")
+    result = torchrun(config, folder / "fsdp", "--set", "train.fsdp=true", "--stop-at-step", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(losses(folder / "fsdp")) == 3
+    # Resuming gathers nothing by hand: full weights and optimizer state are resharded on load.
+    result = torchrun(config, folder / "fsdp", "--set", "train.fsdp=true", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(folder / "fsdp") == pytest.approx(reference, abs=1e-5)
     # Its checkpoint holds full (unsharded) weights that a single process can load.

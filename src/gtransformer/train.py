@@ -474,7 +474,8 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
     if resume and checkpoint is not None:
         model.load_state_dict(load_model_state(checkpoint))
         saved = load_train_state(checkpoint)
-        optimizer.load_state_dict(saved["optimizer"])
+        if not (dist_info.enabled and config.fsdp):  # FSDP loads it once the parameters are sharded
+            optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         loader.load_state_dict(saved["data"])
         state = RunState(**saved["run"])
@@ -491,9 +492,12 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
         for block in raw_model.layers:
             fully_shard(block)
         fully_shard(raw_model)
-        optimizer = build_optimizer(raw_model, config, device)
+        optimizer = build_optimizer(raw_model, config, device)  # over the sharded parameters
         if resume and checkpoint is not None:
-            log.warning("FSDP resume restores weights but not optimizer moments yet")
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(raw_model, optimizer, saved["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
     elif dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -532,12 +536,20 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
             return get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return raw_model.state_dict()
 
+    def optimizer_state() -> dict[str, Any]:
+        if dist_info.enabled and config.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(raw_model, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return optimizer.state_dict()
+
     def save(epoch_end: bool, elapsed: float) -> None:
-        weights = model_state()  # collective under FSDP: every rank takes part
+        weights, optim = model_state(), optimizer_state()  # collectives under FSDP: every rank takes part
         if not dist_info.is_main:
             return
         train_state = {
-            "optimizer": optimizer.state_dict() if not config.fsdp else {},
+            "optimizer": optim,
             "scaler": scaler.state_dict(),
             "data": loader.state_dict(),
             "run": {"step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": elapsed},
