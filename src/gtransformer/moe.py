@@ -165,20 +165,38 @@ class Experts(nn.Module):
     def forward_grouped(
         self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor, counts: torch.Tensor
     ) -> torch.Tensor:
-        """Tokens sorted by expert, three grouped GEMMs, scattered back; no host synchronisation."""
-        top_k = top_ids.shape[1]
-        flat_ids = top_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        token_idx = order // top_k
+        """(token, slot) pairs sorted by expert, three grouped GEMMs, unsorted; no host synchronisation.
+
+        Rows move by permutation (gathers both ways) instead of index_add, whose
+        scatter-add is slow on CPU; each token's k results are mixed by one bmm.
+        """
+        n_tokens, top_k = top_ids.shape
+        order = torch.argsort(top_ids.reshape(-1))
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         offsets = torch.cumsum(counts, dim=0).to(torch.int32)
-        # Under autocast grouped_mm is not autocast-aware: cast explicitly to the autocast dtype.
+        # grouped_mm is not autocast-aware: cast explicitly to the autocast dtype.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         w1, w3, w2 = (w.to(dtype).transpose(1, 2) for w in (self.w1, self.w3, self.w2))
-        h = x[token_idx].to(dtype)
+        h = x.to(dtype)[:, None].expand(n_tokens, top_k, x.shape[-1]).reshape(n_tokens * top_k, -1)
+        h = PermuteRows.apply(h, order, inverse)
         h = F.silu(F.grouped_mm(h, w1, offs=offsets)) * F.grouped_mm(h, w3, offs=offsets)
         h = F.grouped_mm(h, w2, offs=offsets)
-        h = h * top_weights.reshape(-1)[order, None].to(h.dtype)
-        return torch.zeros(x.shape, dtype=h.dtype, device=x.device).index_add_(0, token_idx, h)
+        h = PermuteRows.apply(h, inverse, order).view(n_tokens, top_k, -1)
+        return torch.bmm(top_weights.to(h.dtype)[:, None, :], h).squeeze(1)
+
+
+class PermuteRows(torch.autograd.Function):
+    """rows = x[perm], whose gradient is grad[inverse]: a gather, where autograd would scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
 class MoE(nn.Module):
