@@ -99,8 +99,13 @@ def test_time_budget_ends_the_run_with_the_schedule_finished(corpus, tmp_path, m
     assert all(a >= b for a, b in zip(lrs[len(lrs) // 2 :], lrs[len(lrs) // 2 + 1 :]))
 
 
-def test_precision_auto_is_float32_on_cpu():
+def test_precision_auto_is_float32_on_cpu_and_mfu_needs_a_known_peak():
     import torch
+
+    from gtransformer.train import PEAK_FLOPS, device_peak_flops
+
+    assert device_peak_flops(torch.device("cpu")) is None  # so MFU is left out of metrics on CPU
+    assert PEAK_FLOPS["H100"] == 790e12 and PEAK_FLOPS["T4"] == 65e12
 
     assert resolve_precision("auto", torch.device("cpu")) == "float32"
     with pytest.raises(UserError):

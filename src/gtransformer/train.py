@@ -690,6 +690,8 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
             evaluate_and_sample(elapsed)
         if epoch_ended or (config.checkpoint_every and state.step % config.checkpoint_every == 0) or done:
             save(epoch_end=epoch_ended, elapsed=elapsed)
+        if state.step % config.log_every == 0:
+            window_start, window_tokens = time.perf_counter(), 0  # tokens/s counts training only, not eval or saves
 
     if bar is not None:
         bar.close()
