@@ -723,7 +723,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (sets train.max_steps)")
     parser.add_argument("--max-minutes", type=float,
                         help="stop after this many minutes of training; the LR schedule fits itself to it")
-    parser.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    parser.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out with the run's saved config.toml (--set still applies)")
     parser.add_argument("--stop-at-step", type=int,
                         help="end this session at this step with a checkpoint, keeping the schedule "
                         "(for time-limited sessions; continue later with --resume)")
