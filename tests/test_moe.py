@@ -149,3 +149,16 @@ def test_few_token_decoding_path_agrees_with_loop(n_tokens):
     torch.testing.assert_close(dx_few, dx_loop, atol=1e-5, rtol=1e-5)
     for name in g_loop:
         torch.testing.assert_close(g_few[name], g_loop[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["loop", pytest.param("grouped", marks=needs_grouped)])
+def test_bfloat16_autocast_forward_and_backward(impl):
+    moe = make_moe(expert_impl=impl)
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, weighted, _ = moe(x, need_losses=True)
+    reference, _, _ = make_moe(expert_impl="loop")(x, need_losses=False)
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out, reference, atol=0.05, rtol=0.05)  # bf16 rounding, same routing
+    (out.square().sum() + weighted).backward()
+    assert moe.experts.w1.grad.dtype == torch.float32 and moe.experts.w1.grad.abs().sum() > 0

@@ -159,7 +159,7 @@ class Experts(nn.Module):
                 continue
             h = x[token_idx]
             h = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
-            out.index_add_(0, token_idx, h * top_weights[token_idx, slot, None].to(h.dtype))
+            out.index_add_(0, token_idx, (h * top_weights[token_idx, slot, None].to(h.dtype)).to(out.dtype))
         return out
 
     def forward_grouped(
