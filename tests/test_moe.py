@@ -162,3 +162,18 @@ def test_bfloat16_autocast_forward_and_backward(impl):
     torch.testing.assert_close(out, reference, atol=0.05, rtol=0.05)  # bf16 rounding, same routing
     (out.square().sum() + weighted).backward()
     assert moe.experts.w1.grad.dtype == torch.float32 and moe.experts.w1.grad.abs().sum() > 0
+
+
+def test_the_chosen_expert_path_is_logged_once(caplog, monkeypatch):
+    from gtransformer import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "_impl_choice", {})
+    with caplog.at_level("INFO", logger="gtransformer.moe"):
+        for _ in range(2):
+            moe_module.choose_expert_impl("auto", torch.device("cpu"), torch.float32)
+        chosen = moe_module.choose_expert_impl("loop", torch.device("cpu"), torch.float32)
+    messages = [r.getMessage() for r in caplog.records]
+    assert chosen == "loop"
+    assert len(messages) == 2 and "path on cpu" in messages[0] and "loop path" in messages[1]
+    expected = "grouped" if grouped_mm_supported(torch.device("cpu"), torch.float32) else "loop"
+    assert f"{expected} path" in messages[0]

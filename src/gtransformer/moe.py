@@ -14,7 +14,6 @@ of each expert, so that exporting to Mixtral is a plain copy per expert.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -24,12 +23,10 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-_announced: set[tuple[str, str]] = set()
 # At or below this many tokens (a decoding step), CPU uses forward_few_tokens instead of grouped_mm.
 FEW_TOKENS = 4
 
 
-@functools.lru_cache(maxsize=None)
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch.nn.functional.grouped_mm runs for this device and dtype.
 
@@ -45,16 +42,22 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
+# (requested, device, dtype) -> "grouped" | "loop"; a plain dict so torch.compile guards on it cheaply.
+_impl_choice: dict[tuple, str] = {}
+
+
 def choose_expert_impl(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve expert_impl "auto" to "grouped" or "loop", logging the choice once per device/dtype."""
-    if requested == "auto":
-        impl = "grouped" if grouped_mm_supported(device, dtype) else "loop"
-    else:
-        impl = requested
-    key = (f"{device.type}/{dtype}", impl)
-    if key not in _announced:
-        _announced.add(key)
+    """Resolve expert_impl to the path that runs here, logging the choice once per device and dtype."""
+    key = (requested, device.type, device.index, dtype)
+    impl = _impl_choice.get(key)
+    if impl is None:
+        supported = grouped_mm_supported(device, dtype)
+        impl = "grouped" if requested in ("auto", "grouped") and supported else "loop"
+        if requested == "grouped" and not supported:
+            logger.warning("expert_impl = \"grouped\" needs grouped_mm, unavailable on %s for %s; using the loop",
+                           device.type, dtype)
         logger.info("MoE experts use the %s path on %s (%s, torch %s)", impl, device.type, dtype, torch.__version__)
+        _impl_choice[key] = impl
     return impl
 
 
@@ -216,7 +219,10 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         logits, top_weights, top_ids = self.gate(x)
         n_experts = self.config.n_experts
-        impl = choose_expert_impl(self.config.expert_impl, x.device, x.dtype)
+        compute_dtype = (
+            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        )
+        impl = choose_expert_impl(self.config.expert_impl, x.device, compute_dtype)
         counts = None
         if impl == "grouped" or need_losses or (self.training and self.gate.use_bias):
             # Counted with scatter_add (not bincount) so the size is static and nothing syncs.
