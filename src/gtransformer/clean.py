@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 
 # ----------------------------------------------------------------------------------------
@@ -183,7 +184,10 @@ def word_count(text: str) -> int:
 def keep_paragraph(paragraph: str, min_words: int) -> bool:
     """Long enough to be running text. Dialogue lines and short complete sentences are kept:
     Portuguese novels are full of "— Não sei." which a plain word floor would delete."""
-    words = word_count(paragraph)
+    return _keep(paragraph, word_count(paragraph), min_words)
+
+
+def _keep(paragraph: str, words: int, min_words: int) -> bool:
     if words >= min_words:
         return True
     if words == 0:
@@ -196,16 +200,25 @@ def keep_paragraph(paragraph: str, min_words: int) -> bool:
 
 def normalise(text: str, min_words: int = 5) -> str:
     """Boilerplate-free text -> paragraphs separated by one blank line."""
+    return _normalise_counted(text, min_words)[0]
+
+
+def _normalise_counted(text: str, min_words: int) -> tuple[str, int]:
+    """`normalise` plus the word count of its result, summed from the per-paragraph counts
+    the filter needs anyway (no word spans the blank line between paragraphs)."""
     text = normalise_punctuation(text)
     paragraphs = []
+    total_words = 0
     for block in re.split(r"\n[ \t]*\n", text):
         paragraph = unwrap(block)
         if not paragraph:
             continue
         paragraph = _DIALOGUE.sub("— ", paragraph)
-        if keep_paragraph(paragraph, min_words):
+        words = word_count(paragraph)
+        if _keep(paragraph, words, min_words):
             paragraphs.append(paragraph)
-    return "\n\n".join(paragraphs)
+            total_words += words
+    return "\n\n".join(paragraphs), total_words
 
 
 # ----------------------------------------------------------------------------------------
@@ -256,10 +269,24 @@ STOPWORDS: dict[str, frozenset[str]] = {
 LANGUAGES = tuple(STOPWORDS)
 
 
+# Each stop word -> the languages it belongs to, so a text is scored by counting its distinct
+# words once (Counter, in C) instead of testing every word against every language's set.
+_LANGUAGES_OF: dict[str, tuple[str, ...]] = {}
+for _lang, _stop in STOPWORDS.items():
+    for _word in _stop:
+        _LANGUAGES_OF[_word] = _LANGUAGES_OF.get(_word, ()) + (_lang,)
+_ALL_STOPWORDS = frozenset(_LANGUAGES_OF)
+
+
 def _scores(words: list[str]) -> dict[str, float]:
     if not words:
         return {lang: 0.0 for lang in LANGUAGES}
-    return {lang: sum(w in stop for w in words) / len(words) for lang, stop in STOPWORDS.items()}
+    counts = Counter(words)
+    hits = dict.fromkeys(LANGUAGES, 0)
+    for word in _ALL_STOPWORDS.intersection(counts):
+        for lang in _LANGUAGES_OF[word]:
+            hits[lang] += counts[word]
+    return {lang: hits[lang] / len(words) for lang in LANGUAGES}
 
 
 def _best(scores: dict[str, float]) -> str | None:
@@ -284,12 +311,20 @@ def portuguese_share(text: str, chunk_words: int = 200) -> float:
     for what it weighs; chunks where no language reaches the floor (tables, numbers,
     lists of names) do not vote.
     """
+    return _portuguese_share(_paragraph_words(text), chunk_words)
+
+
+def _paragraph_words(text: str) -> list[list[str]]:
+    """The lower-cased words of each paragraph (a word never spans a blank line)."""
+    return [_WORD.findall(paragraph) for paragraph in text.lower().split("\n\n")]
+
+
+def _portuguese_share(paragraph_words: list[list[str]], chunk_words: int = 200) -> float:
     portuguese = voted = 0
     chunk: list[str] = []
-    paragraphs = text.lower().split("\n\n")
-    for index, paragraph in enumerate(paragraphs):
-        chunk += _WORD.findall(paragraph)
-        if len(chunk) >= chunk_words or (index == len(paragraphs) - 1 and chunk):
+    for index, words in enumerate(paragraph_words):
+        chunk += words
+        if len(chunk) >= chunk_words or (index == len(paragraph_words) - 1 and chunk):
             language = _best(_scores(chunk))
             if language is not None:
                 voted += len(chunk)
@@ -316,14 +351,17 @@ class CleanedBook:
 def clean_book(raw: bytes, min_words: int = 5) -> CleanedBook:
     """Raw file bytes -> cleaned text plus what the filters need to judge it."""
     text, encoding = decode(raw)
-    body = normalise(strip_boilerplate(text), min_words=min_words)
-    scores = language_scores(body)
+    body, words = _normalise_counted(strip_boilerplate(text), min_words)
+    # Lower-case and split into words once; the whole-text scores, the language and the
+    # chunked Portuguese share all come from these lists.
+    paragraph_words = _paragraph_words(body)
+    scores = _scores([word for words in paragraph_words for word in words])
     return CleanedBook(
         text=body,
         encoding=encoding,
         raw_bytes=len(raw),
-        words=word_count(body),
-        portuguese_share=portuguese_share(body),
-        language=detect_language(body),
+        words=words,
+        portuguese_share=_portuguese_share(paragraph_words),
+        language=_best(scores),
         language_scores={k: round(v, 4) for k, v in scores.items()},
     )
