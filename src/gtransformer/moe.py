@@ -61,6 +61,11 @@ def choose_expert_impl(requested: str, device: torch.device, dtype: torch.dtype)
     return impl
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: the autocast dtype inside autocast, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 class SwiGLU(nn.Module):
     """Dense SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Used for dense layers and shared experts."""
 
@@ -113,6 +118,9 @@ class Router(nn.Module):
         if not self.use_bias:
             return
         load = self.load_since_update
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank must see the global load, or their biases would drift apart.
+            torch.distributed.all_reduce(load)
         self.expert_bias.add_(rate * torch.sign(load.mean() - load))
         load.zero_()
 
@@ -130,6 +138,9 @@ class Experts(nn.Module):
     def forward(
         self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor, counts: torch.Tensor | None, impl: str
     ) -> torch.Tensor:
+        if impl == "grouped" and torch.compiler.is_compiling() and _compute_dtype(x) != torch.bfloat16:
+            # torch.compile's shape rules for grouped_mm accept bfloat16 only (torch 2.13), eager runs float32.
+            impl = "loop"
         if impl == "grouped":
             if x.device.type == "cpu" and x.shape[0] <= FEW_TOKENS:
                 return self.forward_few_tokens(x, top_ids, top_weights)
@@ -178,7 +189,7 @@ class Experts(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         offsets = torch.cumsum(counts, dim=0).to(torch.int32)
         # grouped_mm is not autocast-aware: cast explicitly to the autocast dtype.
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = _compute_dtype(x)
         w1, w3, w2 = (w.to(dtype).transpose(1, 2) for w in (self.w1, self.w3, self.w2))
         h = x.to(dtype)[:, None].expand(n_tokens, top_k, x.shape[-1]).reshape(n_tokens * top_k, -1)
         h = PermuteRows.apply(h, order, inverse)
@@ -219,10 +230,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         logits, top_weights, top_ids = self.gate(x)
         n_experts = self.config.n_experts
-        compute_dtype = (
-            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        )
-        impl = choose_expert_impl(self.config.expert_impl, x.device, compute_dtype)
+        impl = choose_expert_impl(self.config.expert_impl, x.device, _compute_dtype(x))
         counts = None
         if impl == "grouped" or need_losses or (self.training and self.gate.use_bias):
             # Counted with scatter_add (not bincount) so the size is static and nothing syncs.
