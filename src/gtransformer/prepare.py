@@ -177,8 +177,9 @@ def write_split_shards(books: list[Book], tokenizer, out: Path, batch_books: int
                     array[1:] = ids
                     writer.write(array)
                     book.info["tokens"] = len(ids)
-                byte_count += sum(len(b.text.encode("utf-8")) for b in batch)
-                words += sum(word_count(b.text) for b in batch)
+                # clean_books already measured each text; recount only books built by hand.
+                byte_count += sum(b.info.get("clean_bytes") or len(b.text.encode("utf-8")) for b in batch)
+                words += sum(b.info.get("words") or word_count(b.text) for b in batch)
             tokens = writer.count
         stats[split] = {"books": len(members), "bytes": byte_count, "tokens": tokens, "words": words}
     return stats
