@@ -126,3 +126,16 @@ def test_clean_book_end_to_end():
     assert book.encoding == "cp1252" and book.language == "pt" and book.portuguese_share == 1.0
     assert "Project Gutenberg" not in book.text and "Produced by" not in book.text
     assert book.text.startswith("O homem não sabia") and book.text.count("\n\n") == 9
+
+
+def test_clean_book_measures_agree_with_the_public_functions():
+    # clean_book shares word lists and counts between its checks; they must equal the plain functions'.
+    body = portuguese_text(6) + "\n\n" + "\n\n".join(SPANISH.format(n=i) for i in range(4)) + "\n\n— Não sei.\n\nÜBER İstanbul d'elle n'um rio-grandense."
+    book = clean.clean_book(gutenberg_file("Livro", body).encode("utf-8"))
+    assert book.words == clean.word_count(book.text) > 50
+    assert book.portuguese_share == clean.portuguese_share(book.text)
+    assert book.language == clean.detect_language(book.text)
+    scores = clean.language_scores(book.text)
+    assert book.language_scores == {k: round(v, 4) for k, v in scores.items()} and scores["pt"] > scores["es"] > 0
+    naive = clean._WORD.findall(book.text.lower())
+    assert scores == {lang: sum(w in stop for w in naive) / len(naive) for lang, stop in clean.STOPWORDS.items()}
