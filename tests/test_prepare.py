@@ -95,3 +95,25 @@ def test_duplicates_across_ids_and_user_errors(small_mirror, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no books"):
         prep.prepare(tmp_path / "empty", tmp_path / "o3")
+
+
+def test_tokenizer_sample_is_a_deterministic_spread_of_train_blocks():
+    def book(book_id, split="train", dropped=None):
+        paragraphs = [f"Livro {book_id} paragrafo {i} " + "palavra " * 20 for i in range(200)]
+        return prep.Book(book_id, None, text="\n\n".join(paragraphs), split=split, dropped=dropped)
+
+    books = [book(i) for i in range(1, 21)] + [book(21, "val"), book(22, dropped="duplicate")]
+    train_bytes = sum(len(b.text.encode()) for b in books[:20])
+    assert prep.tokenizer_sample(books, None) == [b.text for b in books[:20]]
+    assert prep.tokenizer_sample(books, train_bytes / 1e6 + 1) == [b.text for b in books[:20]]
+    sample = prep.tokenizer_sample(books, train_bytes / 4e6, block_chars=2000)
+    assert sample == prep.tokenizer_sample(list(reversed(books)), train_bytes / 4e6, block_chars=2000)
+    assert sample != prep.tokenizer_sample(books, train_bytes / 4e6, salt="other", block_chars=2000)
+    assert 0.15 < sum(len(s.encode()) for s in sample) / train_bytes < 0.35
+    # Blocks are runs of whole paragraphs of train books, taken from most of them.
+    sources = set()
+    for block in sample:
+        owner = next(b for b in books[:20] if block in b.text)
+        assert block.startswith("Livro") and block.endswith("palavra ")
+        sources.add(owner.id)
+    assert len(sources) >= 15 and not any("Livro 21 " in s or "Livro 22 " in s for s in sample)
