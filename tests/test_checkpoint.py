@@ -13,7 +13,9 @@ from gtransformer import checkpoint as ckpt
 from gtransformer.errors import UserError
 from gtransformer.train import train
 
-from test_data import make_corpus, tiny_tables
+from test_data import make_corpus, one_thread, tiny_tables  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.usefixtures("one_thread")]
 
 
 def save(run: Path, step: int, keep: bool = False, keep_last: int = 2) -> Path:

@@ -13,9 +13,9 @@ import pytest
 from gtransformer.config import to_toml
 from gtransformer.train import train
 
-from test_data import make_corpus, tiny_tables
+from test_data import make_corpus, one_thread, tiny_tables  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def torchrun(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

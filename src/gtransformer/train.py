@@ -452,6 +452,9 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
             encoding="utf-8",
         )
         shutil.copyfile(data_dir / "tokenizer.json", out_dir / "tokenizer.json")
+        if checkpoint is None:  # rows of an earlier attempt that never reached a checkpoint would be redone
+            truncate_jsonl(out_dir / "metrics.jsonl", 0)
+            truncate_jsonl(out_dir / "samples.jsonl", 0)
 
     torch.manual_seed(config.seed)
     model = GPT(model_config).to(device)
