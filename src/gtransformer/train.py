@@ -731,12 +731,18 @@ def register(subparsers) -> None:
                         help="end this session at this step with a checkpoint, keeping the schedule "
                         "(for time-limited sessions; continue later with --resume)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: all cores; 1 is faster when other jobs share the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     parser.set_defaults(func=run_train)
 
 
 def run_train(args) -> int:
     tables = resolve_tables(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads} must be at least 1")
+        torch.set_num_threads(args.threads)
     row = train(tables, args.out, resume=args.resume, device=args.device, stop_at_step=args.stop_at_step,
                 progress_bar=not args.no_progress)
     if row and int(os.environ.get("RANK", "0")) == 0:
