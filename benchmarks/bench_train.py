@@ -250,7 +250,7 @@ def run(args) -> int:
     if errors:
         columns.append(("error", "error", ""))
     common.print_table(rows, columns)
-    memory_note = "subprocess peak RSS minus import baseline" if device == "cpu" else "weights+optimizer+step peak"
+    memory_note = "subprocess peak RSS (VmHWM) minus import baseline" if device == "cpu" else "weights+optimizer+step peak"
     print(f"# peak memory: {memory_note}; FLOPs/token {flops_per_token:.3e}")
     common.write_json(args.json, {"benchmark": "train", "env": env, "args": vars(args),
                                   "model_config": common.config_dict(model_config),

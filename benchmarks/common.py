@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -206,9 +205,15 @@ def current_rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    """Peak resident memory of this process's address space (VmHWM).
+
+    Not getrusage's ru_maxrss: Linux carries that across fork and exec, so a child
+    started by a big parent reports at least the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    raise RuntimeError("no VmHWM in /proc/self/status; peak memory needs Linux")
 
 
 def run_isolated(script: Path, args: list[str]) -> dict[str, Any]:
