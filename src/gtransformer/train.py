@@ -305,12 +305,14 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
 def memory_stats(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {"memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+    # Peak resident memory of this process (VmHWM; ru_maxrss can carry a parent's peak over fork/exec).
     try:
-        import resource
-
-        return {"memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # KiB on Linux
-    except ImportError:
-        return {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"memory_gb": int(line.split()[1]) * 1024 / 1e9}
+    except OSError:
+        pass
+    return {}
 
 
 def summarise_moe_stats(stats: Any) -> dict[str, Any]:
