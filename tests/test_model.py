@@ -1,5 +1,6 @@
 """Model: GQA attention, config validation, losses, size/FLOP helpers, presets."""
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -78,8 +79,10 @@ def test_forward_shapes_loss_and_stats():
     targets = torch.randint(0, 97, (2, 10))
     targets[0, :4] = -1
     out = model(ids, targets, return_stats=True)
-    assert out.logits.shape == (2, 10, 97)
-    expected = F.cross_entropy(out.logits.view(-1, 97), targets.view(-1), ignore_index=-1)
+    assert out.logits is None  # the fused loss never materialises them
+    logits = model(ids).logits
+    assert logits.shape == (2, 10, 97)
+    expected = F.cross_entropy(logits.view(-1, 97), targets.view(-1), ignore_index=-1)
     torch.testing.assert_close(out.loss, expected)
     assert [s["layer"] for s in out.stats] == [1]  # moe_every=2: layer 0 dense, layer 1 MoE
     assert set(out.stats[0]) == {"layer", "tokens_per_expert", "router_entropy", "aux_loss", "z_loss"}
@@ -180,3 +183,37 @@ def test_qk_norm_model_runs_and_trains():
     assert model.layers[0].self_attn.q_norm.weight.grad is not None
     model.update_router_biases()
     assert model.layers[0].mlp.gate.expert_bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_loss_and_gradients_equal_plain_cross_entropy(monkeypatch, autocast, tie):
+    """LinearCrossEntropy (chunked, gradients formed in forward) against lm_head + F.cross_entropy."""
+    from gtransformer.model import LinearCrossEntropy
+
+    monkeypatch.setattr(LinearCrossEntropy, "CHUNK_ROWS", 7)  # several chunks, a ragged last one
+    torch.manual_seed(0)
+    model = GPT(small_config(tie_embeddings=tie))
+    ids, targets = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    targets[1, 3:9] = -1
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    with ctx:
+        fused = model(ids, targets).loss
+    fused_grads = grads(3 * fused)
+    with ctx:
+        logits = model(ids).logits
+    plain = F.cross_entropy(logits.float().view(-1, 97), targets.view(-1), ignore_index=-1)
+    plain_grads = grads(3 * plain)
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused, plain, **tol)
+    assert len(fused_grads) == len(plain_grads)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad(), ctx:
+        torch.testing.assert_close(model(ids, targets).loss, fused.detach(), atol=0, rtol=0)

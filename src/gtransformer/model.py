@@ -122,7 +122,7 @@ class ModelConfig:
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, vocab) float, or (B, 1, vocab) with last_logits_only
+    logits: torch.Tensor | None  # (B, T, vocab), or (B, 1, vocab) with last_logits_only; None when targets are given
     loss: torch.Tensor | None  # mean cross entropy over targets != -1, when targets are given
     aux_loss: torch.Tensor  # already-weighted MoE balancing losses (0 when not computed)
     stats: list[dict[str, Any]] | None  # per MoE layer: layer, tokens_per_expert, router_entropy, aux_loss, z_loss
@@ -167,6 +167,59 @@ class KVCache:
         return allowed
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of `x @ weight.T` against `targets` (-1 ignored), chunk by chunk.
+
+    The logits of a chunk of rows live only while that chunk is processed, and
+    their gradient (softmax - one_hot) is turned into the gradients of x and
+    weight right there, in the forward pass: no (N, vocab) logits, log-softmax
+    or gradient tensors are kept, which is most of a small model's activation
+    memory and several full passes over them. Same matmul FLOPs as the plain
+    lm_head + cross_entropy. Under autocast the matmuls run in the autocast
+    dtype and the softmax in float32, as autocast would do.
+    """
+
+    CHUNK_ROWS = 1024
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)
+            valid = targets != -1
+            count = valid.sum().clamp(min=1).float()
+            total = torch.zeros((), device=x.device, dtype=torch.float32)
+            grad_x = torch.empty_like(x) if need_grad else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+            for start in range(0, x.shape[0], LinearCrossEntropy.CHUNK_ROWS):
+                end = start + LinearCrossEntropy.CHUNK_ROWS
+                xc, keep = x[start:end].to(dtype), valid[start:end]
+                target = targets[start:end].clamp(min=0)[:, None]
+                logits = (xc @ w.T).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += ((lse - logits.gather(1, target).squeeze(1)) * keep).sum()
+                if need_grad:
+                    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    grad.scatter_add_(1, target, -keep[:, None].float())
+                    grad.mul_(keep[:, None])
+                    grad = grad.to(dtype)
+                    grad_x[start:end] = grad @ w
+                    grad_w += (grad.T @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w, count)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_x, grad_w, count = ctx.saved_tensors
+        scale = grad_loss / count
+        gx = (grad_x * scale.to(grad_x.dtype)) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -174,6 +227,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused kernel (forward and backward) instead of normalise, cast and scale.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         # Normalise in float32 then scale in the input dtype, exactly as HF's MixtralRMSNorm.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -340,11 +396,12 @@ class GPT(nn.Module):
         x = self.norm(x)
         if last_logits_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)
-        loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return ModelOutput(logits, loss, aux_total, all_stats if return_stats else None)
+            # The (B, T, vocab) logits are never materialised: see LinearCrossEntropy.
+            loss = LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+            return ModelOutput(None, loss, aux_total, all_stats if return_stats else None)
+        logits = self.lm_head(x)
+        return ModelOutput(logits, None, aux_total, all_stats if return_stats else None)
 
     def update_router_biases(self) -> None:
         """Call after each optimizer step: moves the balance="bias" router biases (no-op otherwise)."""

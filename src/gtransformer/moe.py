@@ -193,12 +193,30 @@ class Experts(nn.Module):
         # One GEMM for gate and up projections together (measured ~30% faster fwd+bwd on CPU than two).
         w13 = torch.cat((self.w1, self.w3), dim=1).to(dtype).transpose(1, 2)
         w2 = self.w2.to(dtype).transpose(1, 2)
-        h = x.to(dtype)[:, None].expand(n_tokens, top_k, x.shape[-1]).reshape(n_tokens * top_k, -1)
-        h = PermuteRows.apply(h, order, inverse)
+        h = GatherTokens.apply(x.to(dtype), order, inverse, top_k)
         gate, up = F.grouped_mm(h, w13, offs=offsets).chunk(2, dim=-1)
         h = F.grouped_mm(F.silu(gate) * up, w2, offs=offsets)
         h = PermuteRows.apply(h, inverse, order).view(n_tokens, top_k, -1)
         return torch.bmm(top_weights.to(h.dtype)[:, None, :], h).squeeze(1)
+
+
+class GatherTokens(torch.autograd.Function):
+    """rows = x[order // top_k]: each token once per chosen expert, sorted by expert, in one gather.
+
+    The gradient sums each token's top_k rows: a gather by `inverse` and a sum
+    over k, where autograd would scatter-add (slow on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x[torch.div(order, top_k, rounding_mode="floor")]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
 
 
 class PermuteRows(torch.autograd.Function):
