@@ -27,6 +27,7 @@ for split, s in stats["splits"].items():
 PY
 
 echo "== 3/5 train (tiny preset, $MINUTES minutes)"
+rm -rf "$RUNS/demo"  # the demo always trains from scratch
 $GT train --config configs/tiny.toml --data "$DATA/demo" --out "$RUNS/demo" --max-minutes "$MINUTES"
 
 echo "== 4/5 evaluate and generate"
