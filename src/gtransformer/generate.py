@@ -87,6 +87,8 @@ def sample_next(
 # products are too small to split, and on a busy machine waiting for a second thread costs
 # more than the work (measured 4x slower with 2 threads on the shared 2-core box).
 SINGLE_THREAD_MAX_BATCH = 4
+# Prefills of up to this many tokens (batch x prompt) run on one thread as well.
+SINGLE_THREAD_MAX_PREFILL = 256
 
 
 @contextlib.contextmanager
@@ -152,9 +154,12 @@ def iter_tokens(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfi
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
         positions = torch.arange(longest, device=device)[None, :] - pad[:, None] if ragged else None
-        logits = model(padded, cache=cache, position_ids=positions, last_logits_only=True).logits[:, -1].float()
-        next_positions = torch.tensor(lengths, device=device)[:, None] if ragged else None
         step_threads = 1 if device.type == "cpu" and batch <= SINGLE_THREAD_MAX_BATCH else None
+        # A short prompt's prefill is small work too: one thread avoids waiting on a busy second core.
+        prefill_threads = step_threads if batch * longest <= SINGLE_THREAD_MAX_PREFILL else None
+        with intra_op_threads(prefill_threads):
+            logits = model(padded, cache=cache, position_ids=positions, last_logits_only=True).logits[:, -1].float()
+        next_positions = torch.tensor(lengths, device=device)[:, None] if ragged else None
         for step in range(sampling.max_new_tokens):
             with intra_op_threads(step_threads):
                 token = sample_next(logits, sampling, generator, seen)
