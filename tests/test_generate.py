@@ -44,14 +44,20 @@ def make_model(vocab_size=300, **overrides) -> GPT:
     return GPT(ModelConfig(**values)).eval()
 
 
-def record_step_logits(model, prompts, n_new):
-    """Run greedy generation and keep the last-position logits each cached forward produced."""
+def record_step_logits(model, prompts, n_new, **sampling):
+    """Run greedy generation and keep the logits each step sampled from (prefill, then the decoding steps)."""
     seen = []
-    handle = model.register_forward_hook(lambda module, args, output: seen.append(output.logits[:, -1].clone()))
+    original = generate_module.sample_next
+
+    def recording(logits, *args):
+        seen.append(logits.clone())
+        return original(logits, *args)
+
+    generate_module.sample_next = recording
     try:
-        tokens = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, temperature=0))
+        tokens = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, temperature=0, **sampling))
     finally:
-        handle.remove()
+        generate_module.sample_next = original
     return tokens, seen
 
 
@@ -79,6 +85,70 @@ def test_batch_of_unequal_prompts_matches_each_prompt_alone():
     # and batching does not change what each prompt generates
     for row, prompt in enumerate(prompts):
         assert generate(model, [prompt], SamplingConfig(max_new_tokens=10, temperature=0))[0] == tokens[row]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(moe_every=2, n_shared_experts=1, tie_embeddings=True),  # a dense layer, a shared expert, tied head
+        dict(balance="bias", qk_norm=True, head_dim=6),
+        dict(n_experts=0),  # dense model
+    ],
+)
+def test_fast_decoder_matches_full_recompute_across_architectures(overrides):
+    model = make_model(**overrides)
+    if overrides.get("balance") == "bias":
+        with torch.no_grad():
+            for block in model.layers:
+                block.mlp.gate.expert_bias.copy_(torch.linspace(-0.3, 0.3, 4))
+    prompts = [[5, 17, 42, 8], [99, 3]]
+    tokens, step_logits = record_step_logits(model, prompts, 8)
+    with torch.no_grad():
+        for i, cached in enumerate(step_logits):
+            for row, prompt in enumerate(prompts):
+                full = model(torch.tensor([prompt + tokens[row][:i]])).logits[0, -1]
+                torch.testing.assert_close(cached[row], full, atol=1e-5, rtol=0)
+
+
+def test_decoding_steps_skip_the_module_forward_and_reuse_prepared_weights():
+    model = make_model()
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        first = generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=6, temperature=0))
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the prefill; the 5 decoding steps run on the prepared weights
+    prepared = generate_module.DecodeWeights.for_model(model)
+    assert generate_module.DecodeWeights.for_model(model) is prepared
+    assert generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=6, temperature=0)) == first
+    # Changing a weight in place (as an optimizer step does) must rebuild them, or decoding would use stale copies.
+    with torch.no_grad():
+        model.layers[0].mlp.experts.w2.mul_(-3.0)
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
+    assert generate_module.DecodeWeights.for_model(model) is not prepared
+    tokens, step_logits = record_step_logits(model, [[1, 2, 3]], 6)
+    with torch.no_grad():
+        for i, cached in enumerate(step_logits):
+            full = model(torch.tensor([[1, 2, 3] + tokens[0][:i]])).logits[:, -1]
+            torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reduced_precision_decode_weights_stay_close_to_float32(dtype):
+    model = make_model()
+    prompts = [[5, 17, 42, 8, 99], [3]]
+    tokens, exact = record_step_logits(model, prompts, 8)
+    # Both runs share the prefill and so the first token; the first decoding step's logits are comparable.
+    _, approx = record_step_logits(model, prompts, 8, dtype=dtype)
+    assert len(approx) == len(exact)
+    tolerance = 2e-2 if dtype == "float16" else 1e-1
+    torch.testing.assert_close(approx[0], exact[0], atol=1e-5, rtol=0)  # the prefill runs the model itself
+    first_decode = approx[1]
+    assert first_decode.dtype == torch.float32
+    torch.testing.assert_close(first_decode, exact[1], atol=tolerance, rtol=0)
+    with pytest.raises(UserError, match="dtype"):
+        generate(model, [[1]], SamplingConfig(dtype="float8"))
 
 
 def test_seeded_sampling_is_reproducible():
