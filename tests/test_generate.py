@@ -110,6 +110,23 @@ def test_fast_decoder_matches_full_recompute_across_architectures(overrides):
                 torch.testing.assert_close(cached[row], full, atol=1e-5, rtol=0)
 
 
+def test_batches_larger_than_the_fast_path_decode_through_the_model_forward():
+    model = make_model()
+    prompts = [[i + 1] * (i + 1) for i in range(generate_module.FAST_DECODE_MAX_BATCH + 1)]
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        tokens, step_logits = record_step_logits(model, prompts, 5)
+    finally:
+        handle.remove()
+    assert len(calls) == 5  # prefill + 4 cached steps through GPT.forward
+    with torch.no_grad():
+        for i, cached in enumerate(step_logits):
+            for row, prompt in enumerate(prompts):
+                full = model(torch.tensor([prompt + tokens[row][:i]])).logits[0, -1]
+                torch.testing.assert_close(cached[row], full, atol=1e-5, rtol=0)
+
+
 def test_decoding_steps_skip_the_module_forward_and_reuse_prepared_weights():
     model = make_model()
     calls = []
@@ -283,6 +300,8 @@ def test_generate_command_streams_text_from_a_run_folder(tokenizer, tmp_path, ca
     assert capsys.readouterr().out == first  # same seed, same text
     assert run_command(args[:2] + ["--num-samples", "2", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.count("--- sample") == 2
+    assert run_command(args + ["--decode-dtype", "float16"]) == 0
+    assert capsys.readouterr().out.startswith("O coração")
     assert run_command(args[:2] + ["--max-new-tokens", "500"]) == 2
     assert "context_length" in capsys.readouterr().err
     assert run_command(["generate", str(tmp_path / "missing")]) == 2

@@ -215,12 +215,18 @@ class DecodeWeights:
         return weights
 
 
-def supports_fast_decode(model) -> bool:
+# Decoding steps of up to this many rows take `Decoder`: it runs each row through its experts one by
+# one, which beats the grouped GEMMs of the model's forward only while rows are few.
+FAST_DECODE_MAX_BATCH = 4
+
+
+def supports_fast_decode(model, batch: int) -> bool:
     from gtransformer.model import GPT
 
     # The fast step reads the chosen experts on the host, free on CPU but a sync per layer on CUDA,
     # so CUDA decodes through the model's own forward.
-    return isinstance(model, GPT) and model.embed_tokens.weight.device.type == "cpu"
+    on_cpu = isinstance(model, GPT) and model.embed_tokens.weight.device.type == "cpu"
+    return on_cpu and batch <= FAST_DECODE_MAX_BATCH
 
 
 class Decoder:
@@ -308,13 +314,14 @@ class Decoder:
             y = (scores.softmax(dim=-1) @ values).reshape(B, H * D)
             x = _add_matmul_(x, y, layer["o"])
             h = self._normalize(x)
+            h_matmul = h.to(w.dtype)  # once per layer, not once per expert
             if layer["router"] is not None:
                 top_ids, top_weights = self._route(h, layer)
                 for row, (experts, weights) in enumerate(zip(top_ids, top_weights)):
                     for e, weight in zip(experts, weights):
-                        self._swiglu_(x[row : row + 1], h[row : row + 1], layer["w13"][e], layer["w2"][e], weight)
+                        self._swiglu_(x[row : row + 1], h_matmul[row : row + 1], layer["w13"][e], layer["w2"][e], weight)
             if "shared_w13" in layer:
-                self._swiglu_(x, h, layer["shared_w13"], layer["shared_w2"])
+                self._swiglu_(x, h_matmul, layer["shared_w13"], layer["shared_w2"])
         cache.length += 1
         return (self._normalize(x).to(w.dtype) @ w.lm_head).float()
 
@@ -375,7 +382,7 @@ def iter_tokens(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfi
             logits = model(padded, cache=cache, position_ids=positions, last_logits_only=True).logits[:, -1].float()
         next_positions = torch.tensor(lengths, device=device)[:, None] if ragged else None
         decoder = None
-        if supports_fast_decode(model):
+        if supports_fast_decode(model, batch):
             weights = DecodeWeights.for_model(model, DECODE_DTYPES[sampling.dtype])
             decoder = Decoder(weights, cache, pad if ragged else None)
         for step in range(sampling.max_new_tokens):
@@ -521,6 +528,11 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same text")
     parser.add_argument("--num-samples", type=int, default=1, help="independent continuations, generated as a batch")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument(
+        "--decode-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+        help="CPU decoding weights in this dtype; float16 reads half the bytes per token (faster, slightly "
+        "approximate logits). Default: the model's dtype",
+    )
     parser.add_argument("--no-stream", action="store_true", help="print the text once finished instead of streaming")
     parser.set_defaults(func=run_generate)
 
@@ -561,6 +573,7 @@ def run_generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         stop_strings=tuple(args.stop),
         seed=args.seed,
+        dtype=args.decode_dtype,
     )
     sampling.validate()
     model, tokenizer, _ = load_for_inference(args.run, device=resolve_device(args.device))
