@@ -151,7 +151,7 @@ def test_decoding_steps_skip_the_module_forward_and_reuse_prepared_weights():
             torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
 def test_reduced_precision_decode_weights_stay_close_to_float32(dtype):
     model = make_model()
     prompts = [[5, 17, 42, 8, 99], [3]]
@@ -159,7 +159,7 @@ def test_reduced_precision_decode_weights_stay_close_to_float32(dtype):
     # Both runs share the prefill and so the first token; the first decoding step's logits are comparable.
     _, approx = record_step_logits(model, prompts, 8, dtype=dtype)
     assert len(approx) == len(exact)
-    tolerance = 2e-2 if dtype == "float16" else 1e-1
+    tolerance = {"float16": 5e-3, "bfloat16": 5e-2, "int8": 6e-2}[dtype]  # measured 1e-3, 1.3e-2, 2.1e-2
     torch.testing.assert_close(approx[0], exact[0], atol=1e-5, rtol=0)  # the prefill runs the model itself
     first_decode = approx[1]
     assert first_decode.dtype == torch.float32
