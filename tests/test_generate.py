@@ -144,6 +144,11 @@ def test_decoding_steps_skip_the_module_forward_and_reuse_prepared_weights():
         model.layers[0].mlp.experts.w2.mul_(-3.0)
         model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
     assert generate_module.DecodeWeights.for_model(model) is not prepared
+    # A model in training mode (samples during training) keeps no copies between calls.
+    model.train()
+    generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=3, temperature=0))
+    assert "_decode_weights" not in model.__dict__ and model.training
+    model.eval()
     tokens, step_logits = record_step_logits(model, [[1, 2, 3]], 6)
     with torch.no_grad():
         for i, cached in enumerate(step_logits):

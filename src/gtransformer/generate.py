@@ -246,16 +246,22 @@ class DecodeWeights:
         return (dtype, *((t.data_ptr(), t._version) for t in tensors))
 
     @classmethod
-    def for_model(cls, model, dtype: torch.dtype | None = None) -> "DecodeWeights":
-        """The model's prepared weights, rebuilt only when the weights (or dtype) changed since the last call."""
+    def for_model(cls, model, dtype: torch.dtype | None = None, keep: bool = True) -> "DecodeWeights":
+        """The model's prepared weights, rebuilt only when the weights (or dtype) changed since the last call.
+
+        keep=False builds them without keeping them on the model: a model being trained changes its
+        weights between samples, and the copies would only add to the training memory.
+        """
         dtype = dtype or model.embed_tokens.weight.dtype
         signature = cls.signature(model, dtype)
         cached = model.__dict__.get("_decode_weights")
+        if not keep or cached is None or cached[0] != signature:
+            model.__dict__.pop("_decode_weights", None)  # free the old copies before building new ones
         if cached is not None and cached[0] == signature:
             return cached[1]
-        model.__dict__["_decode_weights"] = None  # free the old copies before building new ones
         weights = cls(model, dtype)
-        model.__dict__["_decode_weights"] = (signature, weights)
+        if keep:
+            model.__dict__["_decode_weights"] = (signature, weights)
         return weights
 
 
@@ -325,8 +331,9 @@ class Decoder:
 
     def _swiglu_(self, out: torch.Tensor, h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, alpha=1.0) -> None:
         """out += alpha * w2(silu(w1 h) * w3 h), in place."""
-        gate, up = _matmul(h, w13).chunk(2, dim=-1)
-        _add_matmul_(out, F.silu(gate).mul_(up), w2, alpha)
+        gate_up = _matmul(h, w13)
+        hidden = gate_up.shape[-1] // 2
+        _add_matmul_(out, F.silu(gate_up[:, :hidden]).mul_(gate_up[:, hidden:]), w2, alpha)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """tokens (B,) go into cache slot `cache.length` -> logits (B, vocab) float32; the cache advances by one.
@@ -362,8 +369,9 @@ class Decoder:
             if layer["router"] is not None:
                 top_ids, top_weights = self._route(h, layer)
                 for row, (experts, weights) in enumerate(zip(top_ids, top_weights)):
+                    x_row, h_row = (x, h_matmul) if B == 1 else (x[row : row + 1], h_matmul[row : row + 1])
                     for e, weight in zip(experts, weights):
-                        self._swiglu_(x[row : row + 1], h_matmul[row : row + 1], layer["w13"][e], layer["w2"][e], weight)
+                        self._swiglu_(x_row, h_row, layer["w13"][e], layer["w2"][e], weight)
             if "shared_w13" in layer:
                 self._swiglu_(x, h_matmul, layer["shared_w13"], layer["shared_w2"])
         cache.length += 1
@@ -415,7 +423,7 @@ def iter_tokens(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfi
             seen = torch.zeros(batch, config.vocab_size, dtype=torch.bool, device=device)
             real = torch.arange(longest, device=device)[None, :] >= pad[:, None]
             seen.scatter_(1, padded, real)
-        stop_ids = torch.tensor(sorted(set(sampling.stop_token_ids)) or [-2], device=device)
+        stop_ids = torch.tensor(sorted(set(sampling.stop_token_ids)), device=device) if sampling.stop_token_ids else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
         positions = torch.arange(longest, device=device)[None, :] - pad[:, None] if ragged else None
@@ -427,13 +435,14 @@ def iter_tokens(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfi
         next_positions = torch.tensor(lengths, device=device)[:, None] if ragged else None
         decoder = None
         if supports_fast_decode(model, batch):
-            weights = DecodeWeights.for_model(model, DECODE_DTYPES[sampling.dtype])
+            weights = DecodeWeights.for_model(model, DECODE_DTYPES[sampling.dtype], keep=not was_training)
             decoder = Decoder(weights, cache, pad if ragged else None)
         for step in range(sampling.max_new_tokens):
             with intra_op_threads(step_threads):
                 token = sample_next(logits, sampling, generator, seen)
-                finished |= torch.isin(token, stop_ids)
-                token = token.masked_fill(finished, -1)
+                if stop_ids is not None:
+                    finished |= torch.isin(token, stop_ids)
+                    token = token.masked_fill(finished, -1)
                 ids = token.tolist()
             yield ids
             if all(t == -1 for t in ids) or step == sampling.max_new_tokens - 1:
