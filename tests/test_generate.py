@@ -29,6 +29,15 @@ TEXT = (
 ) * 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread on the shared, busy machine only adds waiting (~5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.train_bpe([TEXT], vocab_size=300, min_frequency=1)

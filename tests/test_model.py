@@ -15,6 +15,15 @@ from gtransformer.model import GPT, KVCache, ModelConfig, apply_rope
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These shapes are tiny: a second intra-op thread on the shared, busy machine only adds waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_config(**overrides) -> ModelConfig:
     values = dict(
         vocab_size=97, context_length=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -12,6 +12,15 @@ needs_grouped = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These shapes are tiny: a second intra-op thread on the shared, busy machine only adds waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_moe(**overrides) -> MoE:
     torch.manual_seed(0)
     values = dict(d_model=32, n_heads=4, n_kv_heads=2, n_experts=6, top_k=2, expert_hidden=48)
