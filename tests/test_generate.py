@@ -182,6 +182,22 @@ def test_reduced_precision_decode_weights_stay_close_to_float32(dtype):
         generate(model, [[1]], SamplingConfig(dtype="float8"))
 
 
+def test_int8_decoding_without_its_kernel_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(generate_module, "int8_decode_available", lambda: False)
+    with pytest.raises(UserError, match="int8.*float16"):
+        generate(make_model(), [[1]], SamplingConfig(dtype="int8"))
+
+
+def test_bfloat16_model_decodes_like_its_own_forward():
+    model = make_model().to(torch.bfloat16)
+    prompt = [5, 17, 42, 8]
+    tokens, step_logits = record_step_logits(model, [prompt], 4)
+    with torch.no_grad():
+        for i, cached in enumerate(step_logits):
+            full = model(torch.tensor([prompt + tokens[0][:i]])).logits[:, -1].float()
+            torch.testing.assert_close(cached, full, atol=3e-2, rtol=0)  # bfloat16 rounding (measured <= 1.6e-2)
+
+
 def test_seeded_sampling_is_reproducible():
     model = make_model()
     sampling = dict(max_new_tokens=20, temperature=1.5, top_k=50, top_p=0.95, repetition_penalty=1.2)
