@@ -229,8 +229,11 @@ class DecodeWeights:
                 layer["router"] = _right_operand(gate.weight.float(), torch.float32, ffn_scale)
                 layer["expert_bias"] = gate.expert_bias if gate.use_bias else None
                 layer["top_k"] = gate.top_k
-                layer["w13"] = _right_operand(torch.cat((mlp.experts.w1, mlp.experts.w3), dim=1), dtype, ffn_scale)
-                layer["w2"] = _right_operand(mlp.experts.w2, dtype)
+                w13 = _right_operand(torch.cat((mlp.experts.w1, mlp.experts.w3), dim=1), dtype, ffn_scale)
+                w2 = _right_operand(mlp.experts.w2, dtype)
+                # Per-expert lists: picking an expert is then a list lookup, not an indexing op.
+                layer["w13"] = [w13[e] for e in range(gate.n_experts)]
+                layer["w2"] = [w2[e] for e in range(gate.n_experts)]
             shared = mlp.shared_experts if block.is_moe else mlp
             if shared is not None:
                 shared_w13 = torch.cat((shared.w1.weight, shared.w3.weight))
@@ -354,15 +357,17 @@ class Decoder:
             qk = qkv[:, : (H + Hkv) * D].view(B, H + Hkv, D)
             if layer["q_norm"] is not None:
                 qk = torch.cat((self._head_norm(qk[:, :H], layer["q_norm"]), self._head_norm(qk[:, H:], layer["k_norm"])), 1)
-            qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
+            swapped_halves = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
+            qk = torch.addcmul(qk * cos, swapped_halves, sin)
             k_layer, v_layer = self.k_layers[i], self.v_layers[i]
             k_layer.select(2, slot).copy_(qk[:, H:])
             v_layer.select(2, slot).copy_(qkv[:, (H + Hkv) * D :].view(B, Hkv, D))
             keys, values = k_layer.narrow(2, 0, slot + 1), v_layer.narrow(2, 0, slot + 1)
-            scores = qk[:, :H].reshape(B, Hkv, H // Hkv, D) @ keys.transpose(-1, -2)  # (B, Hkv, group, slots)
-            if self.key_bias is not None:
-                scores = scores + self.key_bias[..., : slot + 1]
-            y = (scores.softmax(dim=-1) @ values).reshape(B, H * D)
+            # Each K/V head's group of query heads attends as a short query sequence (no causal mask
+            # within one position), so GQA needs no repeated K/V; the scale is already in q.
+            mask = self.key_bias[..., : slot + 1] if self.key_bias is not None else None
+            q = qk[:, :H].reshape(B, Hkv, H // Hkv, D)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0).reshape(B, H * D)
             x = _add_matmul_(x, y, layer["o"])
             h = self._normalize(x)
             h_matmul = h.to(w.matmul_dtype)  # once per layer, not once per expert
