@@ -16,6 +16,7 @@ sizes the RoPE table and the KV cache, not any weight.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -38,16 +39,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported")
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the untimed warm-up generation")
     p.add_argument("--dtype", default="float32", choices=["float32", "bf16"], help="weights and KV cache dtype")
+    p.add_argument("--decode-dtype", default=None, choices=["float16", "bfloat16", "int8"],
+                   help="ours only: reduced-precision decode weights (approximate logits; HF stays at --dtype)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write all results to this JSON file")
     return p
 
 
-def generate_ours(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+def generate_ours(model, prompt: torch.Tensor, new_tokens: int, decode_dtype: str | None = None) -> list[int]:
     from gtransformer.generate import SamplingConfig, generate
 
-    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, dtype=decode_dtype)
     return generate(model, [prompt.tolist()], sampling)[0]
 
 
@@ -91,13 +94,14 @@ def run(args) -> int:
           f"threads {env['torch_threads']}  torch {env['torch']}  transformers {env['transformers']}")
     print(f"# preset {args.preset}  batch 1  prompt {args.prompt_len} + {args.new_tokens} new tokens greedy  "
           f"dtype {args.dtype}  reps {args.reps}"
+          + (f"  ours decodes with {args.decode_dtype} weights" if args.decode_dtype else "")
           + (f"  (context_length raised to {needed} for both)" if raised_context else ""))
 
     weight_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     prompt = torch.randint(0, model_config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(7))
     models, generators, errors = {}, {}, {}
     for name in names:
-        generate_fn = generate_ours if name == "ours" else generate_hf
+        generate_fn = functools.partial(generate_ours, decode_dtype=args.decode_dtype) if name == "ours" else generate_hf
         # One model failing (an unsupported kernel on some device) must not lose the others' numbers.
         try:
             model = common.build_model(name, model_config, device).to(weight_dtype).eval()
