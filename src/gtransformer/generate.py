@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import logging
 import secrets
 import sys
 from collections.abc import Iterator, Sequence
@@ -634,6 +635,9 @@ def run_generate(args: argparse.Namespace) -> int:
         dtype=args.decode_dtype,
     )
     sampling.validate()
+    if not getattr(args, "verbose", False):
+        # Generated text streams to stdout; keep info lines (the expert-path choice) from landing mid-text.
+        logging.getLogger("gtransformer").setLevel(logging.WARNING)
     model, tokenizer, _ = load_for_inference(args.run, device=resolve_device(args.device))
     prompt_len = len(_prompt_ids(tokenizer, prompt))
     if prompt_len + sampling.max_new_tokens > model.config.context_length:
