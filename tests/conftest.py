@@ -106,3 +106,14 @@ def serve_folder():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run much faster on one intra-op thread when other jobs share the cores (no OpenMP spin-waits)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -13,7 +13,7 @@ from gtransformer import checkpoint as ckpt
 from gtransformer.errors import UserError
 from gtransformer.train import train
 
-from test_data import make_corpus, one_thread, tiny_tables  # noqa: F401 (fixture)
+from test_data import make_corpus, tiny_tables
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 

@@ -66,13 +66,6 @@ def tiny_tables(data: Path, **train) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models train ~100x faster on one thread when other jobs share the cores (no OpenMP spin-waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --- the loader ----------------------------------------------------------------------------

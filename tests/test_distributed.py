@@ -13,7 +13,7 @@ import pytest
 from gtransformer.config import to_toml
 from gtransformer.train import train
 
-from test_data import make_corpus, one_thread, tiny_tables  # noqa: F401 (fixture)
+from test_data import make_corpus, tiny_tables
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

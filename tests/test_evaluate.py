@@ -17,7 +17,7 @@ from gtransformer.model import GPT, ModelConfig
 from gtransformer.tokenizer import Tokenizer
 from gtransformer.train import train
 
-from test_data import make_corpus, one_thread, tiny_tables  # noqa: F401 (fixture)
+from test_data import make_corpus, tiny_tables
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 

@@ -23,19 +23,15 @@ from gtransformer.generate import (
 from gtransformer.model import GPT, ModelConfig
 from gtransformer.tokenizer import Tokenizer
 
+# Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = (
     "O coração da nação bateu mais forte. Ação e reação, é só o começo: ótimo, avó, maçã, pão. "
     "Não há razão para não ler Machado de Assis e Eça de Queirós à noite. "
 ) * 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread on the shared, busy machine only adds waiting (~5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,12 @@ from gtransformer.config import load_toml
 from gtransformer.errors import UserError
 from gtransformer.model import GPT, KVCache, ModelConfig, apply_rope
 
+# Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are tiny: a second intra-op thread on the shared, busy machine only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -7,18 +7,14 @@ import torch.nn.functional as F
 from gtransformer.model import ModelConfig
 from gtransformer.moe import MoE, grouped_mm_supported, init_moe_weights
 
+# Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 needs_grouped = pytest.mark.skipif(
     not grouped_mm_supported(torch.device("cpu"), torch.float32), reason="grouped_mm not available on this CPU/torch"
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are tiny: a second intra-op thread on the shared, busy machine only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_moe(**overrides) -> MoE:

@@ -11,7 +11,7 @@ from gtransformer.cli import main
 from gtransformer.errors import UserError
 from gtransformer.train import TrainConfig, lr_multiplier, resolve_precision, train
 
-from test_data import make_corpus, one_thread, tiny_tables  # noqa: F401 (fixture)
+from test_data import make_corpus, tiny_tables
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 
