@@ -17,7 +17,6 @@ import io
 import ipaddress
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 
 from gtransformer import __version__
 from gtransformer.errors import UserError
+from gtransformer.files import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -222,18 +222,6 @@ def load_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("books"), dict):
         raise UserError(f"{path} is not a download manifest; move it away or pick another --out")
     return manifest
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def is_valid(record: dict | None, out: Path) -> bool:

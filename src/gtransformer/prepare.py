@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gtransformer.errors import UserError
+from gtransformer.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +293,8 @@ def prepare(
             for b in books
         }
     }
-    _write_json(out / "manifest.json", manifest)
-    _write_json(out / "stats.json", stats)
+    write_json_atomic(out / "manifest.json", manifest, indent=2)
+    write_json_atomic(out / "stats.json", stats, indent=2)
     return stats
 
 
@@ -305,12 +306,6 @@ def _cpu_seconds() -> float:
         return time.process_time()
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from gtransformer.errors import UserError
+from gtransformer.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -297,9 +298,7 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
