@@ -586,7 +586,7 @@ def register(subparsers) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same text")
     parser.add_argument("--num-samples", type=int, default=1, help="independent continuations, generated as a batch")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default auto)")
     parser.add_argument(
         "--decode-dtype", choices=["float32", "float16", "bfloat16", "int8"], default=None,
         help="CPU decoding weights in this dtype: float16 reads half the bytes per token, int8 (per-channel "
@@ -596,22 +596,11 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_generate)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
 def run_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gtransformer.checkpoint import load_for_inference
+    from gtransformer.train import pick_device
 
     prompt = args.prompt
     if args.prompt_file:
@@ -638,7 +627,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         # Generated text streams to stdout; keep info lines (the expert-path choice) from landing mid-text.
         logging.getLogger("gtransformer").setLevel(logging.WARNING)
-    model, tokenizer, _ = load_for_inference(args.run, device=resolve_device(args.device))
+    model, tokenizer, _ = load_for_inference(args.run, device=pick_device(args.device))
     prompt_len = len(_prompt_ids(tokenizer, prompt))
     if prompt_len + sampling.max_new_tokens > model.config.context_length:
         raise UserError(
