@@ -29,11 +29,7 @@ from common import UserError  # noqa: E402
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny", help="model preset in configs/ (tiny, base, ...) or a TOML path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a [model] key of the preset, e.g. --set n_layers=2 (repeatable)")
-    p.add_argument("--models", default="ours,hf:grouped_mm",
-                   help="comma-separated models: ours and/or hf:grouped_mm, hf:eager, hf:batched_mm")
+    common.add_model_args(p, default_models="ours,hf:grouped_mm")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per repetition")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported")
@@ -41,9 +37,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bf16"], help="weights and KV cache dtype")
     p.add_argument("--decode-dtype", default=None, choices=["float16", "bfloat16", "int8"],
                    help="ours only: reduced-precision decode weights (approximate logits; HF stays at --dtype)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write all results to this JSON file")
+    common.add_run_args(p)
     return p
 
 

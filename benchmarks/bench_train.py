@@ -16,7 +16,6 @@ bytes its weights and optimiser state hold.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 
@@ -29,11 +28,7 @@ from common import UserError  # noqa: E402
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny", help="model preset in configs/ (tiny, base, ...) or a TOML path")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a [model] key of the preset, e.g. --set n_layers=2 (repeatable)")
-    p.add_argument("--models", default="ours,hf:grouped_mm,hf:eager",
-                   help="comma-separated models: ours and/or hf:grouped_mm, hf:eager, hf:batched_mm")
+    common.add_model_args(p, default_models="ours,hf:grouped_mm,hf:eager")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (at most the preset's context)")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per repetition")
@@ -41,11 +36,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
     p.add_argument("--dtype", default="float32", choices=["float32", "bf16"],
                    help="float32, or bf16 autocast over float32 weights")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    common.add_run_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile every model before timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write all results to this JSON file")
     p.add_argument("--measure-memory", default=None, metavar="MODEL", help=argparse.SUPPRESS)
     return p
 

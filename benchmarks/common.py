@@ -39,6 +39,22 @@ HF_EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
 # ---------------------------------------------------------------- configuration
 
 
+def add_model_args(parser, default_models: str) -> None:
+    """The options every benchmark shares: which preset, which overrides, which models."""
+    parser.add_argument("--preset", default="tiny", help="model preset in configs/ (tiny, base, ...) or a TOML path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a [model] key of the preset, e.g. --set n_layers=2 (repeatable)")
+    parser.add_argument("--models", default=default_models,
+                        help="comma-separated models: ours and/or hf:grouped_mm, hf:eager, hf:batched_mm")
+
+
+def add_run_args(parser) -> None:
+    """Where and how a benchmark runs, and where its results go."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write all results to this JSON file")
+
+
 def load_model_config(preset: str, overrides: list[str] | None = None):
     """`ModelConfig` from `configs/<preset>.toml` (or a TOML path), with `key=value` overrides of [model]."""
     from gtransformer import config as config_lib
