@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,22 @@ def test_cli_user_errors(corpus, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "r"), "--resume", "--max-steps", "4", "--no-progress"]) == 0
     assert [s for s, _ in train_losses(tmp_path / "r")] == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_on_cpu_follows_the_eager_losses(corpus, tmp_path):
+    # bfloat16 autocast: the compiled MoE takes the grouped_mm path (the one the benchmark measures).
+    tables = tiny_tables(corpus, max_steps=3, eval_every=0, precision="bfloat16")
+    train(tables, tmp_path / "eager", progress_bar=False)
+    tables["train"]["compile"] = True
+    train(tables, tmp_path / "compiled", progress_bar=False)
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert [s for s, _ in compiled] == [1, 2, 3]
+    # Same math; fused kernels round bfloat16 differently, hence not bit-identical.
+    assert [loss for _, loss in compiled] == pytest.approx([loss for _, loss in eager], abs=0.02)
+    # The checkpoint holds the plain module's names (no "_orig_mod."), loadable without torch.compile.
+    from gtransformer.checkpoint import load_for_inference
+
+    model, _, _ = load_for_inference(tmp_path / "compiled", device="cpu")
+    assert all("_orig_mod" not in name for name in model.state_dict())

@@ -401,6 +401,12 @@ class GPT(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         if targets is not None:
+            if torch.compiler.is_compiling():
+                # Inductor fuses the softmax and loss around the lm_head matmul itself, and cannot
+                # trace LinearCrossEntropy's chunk loop without breaking the graph.
+                logits = self.lm_head(x).float()
+                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+                return ModelOutput(None, loss, aux_total, all_stats if return_stats else None)
             # The (B, T, vocab) logits are never materialised: see LinearCrossEntropy.
             loss = LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
             return ModelOutput(None, loss, aux_total, all_stats if return_stats else None)
