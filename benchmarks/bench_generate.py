@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import UserError  # noqa: E402
+
+
+# "ours:compiled" decodes with the torch.compile'd step (SamplingConfig.compile); compiling is in the warm-up.
+OURS_VARIANTS = ("ours", "ours:compiled")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -41,10 +46,11 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def generate_ours(model, prompt: torch.Tensor, new_tokens: int, decode_dtype: str | None = None) -> list[int]:
+def generate_ours(model, prompt: torch.Tensor, new_tokens: int, decode_dtype: str | None = None,
+                  compile: bool = False) -> list[int]:
     from gtransformer.generate import SamplingConfig, generate
 
-    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, dtype=decode_dtype)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, dtype=decode_dtype, compile=compile)
     return generate(model, [prompt.tolist()], sampling)[0]
 
 
@@ -82,7 +88,7 @@ def run(args) -> int:
     if raised_context:
         model_config = common.load_model_config(args.preset, [*args.set, f"context_length={needed}"])
 
-    names = common.parse_models(args.models)
+    names = common.parse_models(args.models, OURS_VARIANTS)
     env = common.environment(device)
     print(f"# bench_generate  {env['date']}  commit {env['commit']}  {env.get('gpu', env['cpu'])}  "
           f"threads {env['torch_threads']}  torch {env['torch']}  transformers {env['transformers']}")
@@ -95,15 +101,21 @@ def run(args) -> int:
     prompt = torch.randint(0, model_config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(7))
     models, generators, errors = {}, {}, {}
     for name in names:
-        generate_fn = functools.partial(generate_ours, decode_dtype=args.decode_dtype) if name == "ours" else generate_hf
+        if name in OURS_VARIANTS:
+            generate_fn = functools.partial(generate_ours, decode_dtype=args.decode_dtype,
+                                            compile=name == "ours:compiled")
+        else:
+            generate_fn = generate_hf
         # One model failing (an unsupported kernel on some device) must not lose the others' numbers.
         try:
             model = common.build_model(name, model_config, device).to(weight_dtype).eval()
+            started = time.perf_counter()
             got = generate_fn(model, prompt, args.warmup_tokens)
+            print(f"# {name}: warm-up generation (includes any compiling) {time.perf_counter() - started:.1f} s")
             if len(got) != args.warmup_tokens:
                 raise RuntimeError(f"{name} generated {len(got)} tokens, expected {args.warmup_tokens}")
             models[name], generators[name] = model, generate_fn
-        except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as exc:
+        except (RuntimeError, NotImplementedError, torch.OutOfMemoryError, UserError) as exc:
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             print(f"# {name} failed, left out: {errors[name]}", file=sys.stderr)
             model = None
@@ -140,12 +152,14 @@ def run(args) -> int:
             "ms_per_token": 1000 * elapsed / args.new_tokens,
             "peak_mb": peaks.get(name),
         })
-    if "ours" in models:
-        ours = next(r for r in rows if r["model"] == "ours")
+    # Every row against the first HF model (the reference the targets name).
+    reference = next((r for r in rows if r["model"].startswith("hf:")), None)
+    if reference is not None:
         for row in rows:
-            row["ours_speedup"] = ours["tokens_per_s"] / row["tokens_per_s"]
+            row["speedup_vs_reference"] = row["tokens_per_s"] / reference["tokens_per_s"]
     columns = [("model", "model", ""), ("tokens_per_s", "tokens/s", ",.1f"), ("ms_per_token", "ms/token", ".2f"),
-               ("peak_mb", "peak MiB", ",.0f"), ("ours_speedup", "ours x faster", ".2f")]
+               ("peak_mb", "peak MiB", ",.0f"),
+               ("speedup_vs_reference", f"x {reference['model']}" if reference else "x ref", ".2f")]
     rows += [{"model": name, "error": message} for name, message in errors.items()]
     if errors:
         columns.append(("error", "error", ""))

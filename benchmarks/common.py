@@ -132,16 +132,16 @@ def build_hf(model_config, experts_implementation: str, device: str):
     return model.to(device)
 
 
-def parse_models(text: str) -> list[str]:
-    """`ours,hf:grouped_mm,hf:eager` -> validated list of model names."""
+def parse_models(text: str, ours_variants: tuple[str, ...] = ("ours",)) -> list[str]:
+    """`ours,hf:grouped_mm,hf:eager` -> validated list of model names (ours_variants: our accepted names)."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
-        if name == "ours":
+        if name in ours_variants:
             continue
         kind, _, impl = name.partition(":")
         if kind != "hf" or impl not in HF_EXPERTS_IMPLEMENTATIONS:
             raise UserError(
-                f"unknown model {name!r} in --models; use ours or hf:IMPL with IMPL one of "
+                f"unknown model {name!r} in --models; use {' or '.join(ours_variants)} or hf:IMPL with IMPL one of "
                 f"{', '.join(HF_EXPERTS_IMPLEMENTATIONS)}"
             )
     if not names:
@@ -150,7 +150,7 @@ def parse_models(text: str) -> list[str]:
 
 
 def build_model(name: str, model_config, device: str):
-    if name == "ours":
+    if name.partition(":")[0] == "ours":
         return build_ours(model_config, device)
     return build_hf(model_config, name.partition(":")[2], device)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for an H100: our model against HF Mixtral (grouped_mm), training at the
-# base preset (batch 16 x 1024, bf16 autocast, torch.compile) and batch-1 generation;
+# base preset (batch 16 x 1024, bf16 autocast, torch.compile) and batch-1 generation
+# (ours eager, ours with the compiled decoding step, HF);
 # prints a short table (tokens/s, MFU, peak memory) and keeps the JSON results.
 #
 #   bash benchmarks/gpu.sh                       # the real run, on the GPU machine
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 
 device=cuda preset=base batch=16 seq=1024 steps=10 reps=3 warmup=3
 new_tokens=256 gen_reps=2 compile=--compile models=ours,hf:grouped_mm memory=
+gen_models=ours,ours:compiled,hf:grouped_mm
 sets=()
 out="${OUT:-benchmarks/out}/gpu-$(date +%Y%m%d-%H%M%S)"
 while [[ $# -gt 0 ]]; do
@@ -28,11 +30,12 @@ while [[ $# -gt 0 ]]; do
         --warmup) warmup=$2; shift 2 ;;
         --new-tokens) new_tokens=$2; shift 2 ;;
         --models) models=$2; shift 2 ;;
+        --gen-models) gen_models=$2; shift 2 ;;
         --set) sets+=(--set "$2"); shift 2 ;;
         --no-compile) compile=; shift ;;
         --no-memory) memory=--no-memory; shift ;;
         --out) out=$2; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -49,7 +52,7 @@ start=$SECONDS
     --json "$out/train.json" 2>&1 | tee "$out/train.log"
 echo "# training done in $((SECONDS - start)) s"
 "$python" benchmarks/bench_generate.py --device "$device" --preset "$preset" --dtype bf16 \
-    --new-tokens "$new_tokens" --reps "$gen_reps" --models "$models" "${sets[@]}" \
+    --new-tokens "$new_tokens" --reps "$gen_reps" --models "$gen_models" "${sets[@]}" \
     --json "$out/generate.json" 2>&1 | tee "$out/generate.log"
 echo "# total $((SECONDS - start)) s; results in $out"
 echo
@@ -87,13 +90,12 @@ for n, line in enumerate(lines):
     print("  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip())
     if n == 0:
         print("  ".join("-" * w for w in widths))
-ours_t, ours_g = trained.get("ours", {}), gen.get("ours", {})
-for name in names:
-    if name == "ours":
-        continue
-    parts = [f"{label} {a[key] / b[key]:.2f}x" for label, a, b, key in (
-        ("training", ours_t, trained.get(name, {}), "tokens_per_s"),
-        ("generation", ours_g, gen.get(name, {}), "tokens_per_s")) if a.get(key) and b.get(key)]
-    if parts:
-        print(f"# ours vs {name}: " + ", ".join(parts))
+for ours in [n for n in names if n.startswith("ours")]:
+    ours_t, ours_g = trained.get(ours, {}), gen.get(ours, {})
+    for name in [n for n in names if not n.startswith("ours")]:
+        parts = [f"{label} {a[key] / b[key]:.2f}x" for label, a, b, key in (
+            ("training", ours_t, trained.get(name, {}), "tokens_per_s"),
+            ("generation", ours_g, gen.get(name, {}), "tokens_per_s")) if a.get(key) and b.get(key)]
+        if parts:
+            print(f"# {ours} vs {name}: " + ", ".join(parts))
 PY
