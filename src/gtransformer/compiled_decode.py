@@ -6,8 +6,9 @@ the weights at 7-19 GB/s on this project's CPU. Here every product is written as
 multiply-and-sum over the contiguous `in` axis of an nn.Linear-layout weight, which
 inductor turns into one vectorised loop over that weight (~22 GB/s, float32), and the
 norms, RoPE, attention, routing and SwiGLU around them fuse into the same loops.
-Measured on the tiny preset, one thread: 1.5 ms a step against 2.5-3 ms for the eager
-`generate.Decoder` (benchmarks/RESULTS.md).
+Measured on the tiny preset with two threads: 0.8-0.9 ms a step against 2.2-2.8 ms for
+the eager `generate.Decoder`; larger presets are bound by reading their weights and gain
+less (benchmarks/RESULTS.md).
 
 Static shapes make one graph serve every step: the KV cache spans the whole context,
 and attention masks the slots not written yet (and each row's left padding). The
