@@ -10,42 +10,17 @@ import pytest
 import torch
 
 from gtransformer import compiled_decode
-from gtransformer import generate as generate_module
 from gtransformer.compiled_decode import CompiledDecoder
 from gtransformer.errors import UserError
 from gtransformer.generate import SamplingConfig, generate
-from gtransformer.model import GPT, ModelConfig
+
+from test_generate import make_model, record_step_logits
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
                        reason="torch.compile on CPU needs a C++ compiler"),
 ]
-
-
-def make_model(**overrides) -> GPT:
-    torch.manual_seed(0)
-    values = dict(vocab_size=300, context_length=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                  n_experts=4, top_k=2, expert_hidden=32, init_std=0.1)
-    values.update(overrides)
-    return GPT(ModelConfig(**values)).eval()
-
-
-def step_logits(model, prompts, n_new, **sampling):
-    """Greedy generation; the tokens and the logits each step sampled from."""
-    seen = []
-    original = generate_module.sample_next
-
-    def recording(logits, *args):
-        seen.append(logits.clone())
-        return original(logits, *args)
-
-    generate_module.sample_next = recording
-    try:
-        tokens = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, temperature=0, **sampling))
-    finally:
-        generate_module.sample_next = original
-    return tokens, seen
 
 
 def assert_matches_full_recompute(model, prompts, tokens, logits, atol):
@@ -71,7 +46,7 @@ def test_compiled_steps_match_full_recompute_with_ragged_prompts(overrides):
             for block in model.layers:
                 block.mlp.gate.expert_bias.copy_(torch.linspace(-0.3, 0.3, 4))
     prompts = [[5, 17, 42, 8], [99, 3]]  # left padding: masks and per-row RoPE positions
-    tokens, logits = step_logits(model, prompts, 8, compile=True)
+    tokens, logits = record_step_logits(model, prompts, 8, compile=True)
     assert len(logits) == 8 and all(len(row) == 8 for row in tokens)
     assert_matches_full_recompute(model, prompts, tokens, logits, atol=1e-5)
     # The eager decoder agrees token for token.
@@ -81,7 +56,7 @@ def test_compiled_steps_match_full_recompute_with_ragged_prompts(overrides):
 def test_compiled_bfloat16_decoding_stays_close_to_the_model_forward():
     model = make_model(n_layers=1).to(torch.bfloat16)
     prompts = [[7, 8, 9, 10, 11]]
-    tokens, logits = step_logits(model, prompts, 6, compile=True)
+    tokens, logits = record_step_logits(model, prompts, 6, compile=True)
     assert all(t.dtype == torch.float32 for t in logits)
     # bfloat16 rounds differently in fused loops than in the eager kernels: a bfloat16-sized tolerance.
     assert_matches_full_recompute(model, prompts, tokens, logits, atol=0.05)
@@ -96,7 +71,7 @@ def test_compiled_decoder_is_reused_and_rebuilt_when_weights_change():
     with torch.no_grad():
         model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))  # as an optimizer step would
     assert CompiledDecoder.for_model(model) is not decoder
-    tokens, logits = step_logits(model, [[1, 2, 3]], 5, compile=True)
+    tokens, logits = record_step_logits(model, [[1, 2, 3]], 5, compile=True)
     assert_matches_full_recompute(model, [[1, 2, 3]], tokens, logits, atol=1e-5)
 
 

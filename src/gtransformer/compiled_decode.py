@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from gtransformer.errors import UserError
+from gtransformer.moe import select_experts
 
 
 def require_cpp_compiler(device: torch.device, fix: str) -> None:
@@ -121,16 +122,7 @@ class CompiledDecoder:
         return _matvec(w2_OI, (F.silu(gate) * up).to(w2_OI.dtype))
 
     def _experts(self, layer: dict, h_BM: torch.Tensor) -> torch.Tensor:
-        logits_BE = _matvec(layer["router"], h_BM)
-        if layer["expert_bias"] is None:
-            # Renormalised top-k softmax probabilities == softmax over the top-k logits.
-            top_logits_Bk, ids_Bk = logits_BE.topk(layer["top_k"], dim=-1)
-            weights_Bk = top_logits_Bk.softmax(dim=-1)
-        else:
-            probs_BE = logits_BE.softmax(dim=-1)
-            ids_Bk = torch.topk(probs_BE + layer["expert_bias"], layer["top_k"], dim=-1).indices
-            weights_Bk = probs_BE.gather(-1, ids_Bk)
-            weights_Bk = weights_Bk / weights_Bk.sum(dim=-1, keepdim=True)
+        weights_Bk, ids_Bk = select_experts(_matvec(layer["router"], h_BM), layer["top_k"], layer["expert_bias"])
         w13 = layer["w13_EOI"]
         h_BM = h_BM.to(w13.dtype).float()
         # Indexing the stacked weights by the ids fuses into the reduction: only the chosen experts are read.

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gtransformer.errors import UserError
+from gtransformer.moe import select_experts
 
 
 # "int8": int8 weights with a bfloat16 scale per output channel, bfloat16 matmul inputs (weight-only quantisation).
@@ -327,16 +328,7 @@ class Decoder:
 
     def _route(self, h: torch.Tensor, layer: dict) -> tuple[list[list[int]], list[list[float]]]:
         """Router.forward's choice: experts ids and renormalised weights per row, as host lists."""
-        logits = h.float() @ layer["router"]
-        if layer["expert_bias"] is None:
-            # Renormalised top-k softmax probabilities == softmax over the top-k logits.
-            top_logits, top_ids = logits.topk(layer["top_k"], dim=-1)
-            top_weights = top_logits.softmax(dim=-1)
-        else:
-            probs = logits.softmax(dim=-1)
-            top_ids = torch.topk(probs + layer["expert_bias"], layer["top_k"], dim=-1).indices
-            top_weights = probs.gather(-1, top_ids)
-            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        top_weights, top_ids = select_experts(h.float() @ layer["router"], layer["top_k"], layer["expert_bias"])
         return top_ids.tolist(), top_weights.tolist()
 
     def _swiglu_(self, out: torch.Tensor, h: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, alpha=1.0) -> None:

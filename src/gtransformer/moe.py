@@ -83,6 +83,21 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def select_experts(logits: torch.Tensor, top_k: int, expert_bias: torch.Tensor | None = None):
+    """Router logits (N, E) float32 -> (renormalised top-k softmax weights (N, k), expert ids (N, k)).
+
+    With expert_bias the bias moves only the choice of experts; the weights stay
+    the unbiased probabilities. Shared by training and both decoders.
+    """
+    probs = logits.softmax(dim=-1)
+    if expert_bias is None:
+        top_weights, top_ids = torch.topk(probs, top_k, dim=-1)
+    else:
+        top_ids = torch.topk(probs + expert_bias, top_k, dim=-1).indices
+        top_weights = probs.gather(-1, top_ids)
+    return top_weights / top_weights.sum(dim=-1, keepdim=True), top_ids
+
+
 class Router(nn.Module):
     """Top-k softmax router computed in float32, as Mixtral does.
 
@@ -107,13 +122,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, d_model) -> (router logits (N, E) float32, top-k weights (N, k) float32, top-k ids (N, k))."""
         logits = F.linear(x.float(), self.weight.float())
-        probs = logits.softmax(dim=-1)
-        if self.use_bias:
-            _, top_ids = torch.topk(probs + self.expert_bias, self.top_k, dim=-1)
-            top_weights = probs.gather(-1, top_ids)
-        else:
-            top_weights, top_ids = torch.topk(probs, self.top_k, dim=-1)
-        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        top_weights, top_ids = select_experts(logits, self.top_k, self.expert_bias if self.use_bias else None)
         return logits, top_weights, top_ids
 
     @torch.no_grad()
