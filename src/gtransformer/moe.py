@@ -50,13 +50,11 @@ def choose_expert_impl(requested: str, device: torch.device, dtype: torch.dtype)
     """Resolve expert_impl to the path that runs here, logging the choice once per device and dtype."""
     key = (requested, device.type, device.index, dtype)
     impl = _impl_choice.get(key)
-    if impl is None and torch.compiler.is_compiling():
-        # Logging would break the graph; the choice is logged by the next eager call.
-        supported = grouped_mm_supported(device, dtype)
-        return "grouped" if requested in ("auto", "grouped") and supported else "loop"
     if impl is None:
         supported = grouped_mm_supported(device, dtype)
         impl = "grouped" if requested in ("auto", "grouped") and supported else "loop"
+        if torch.compiler.is_compiling():
+            return impl  # logging would break the graph; the next eager call logs and records the choice
         if requested == "grouped" and not supported:
             logger.warning("expert_impl = \"grouped\" needs grouped_mm, unavailable on %s for %s; using the loop",
                            device.type, dtype)
