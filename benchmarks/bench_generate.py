@@ -28,10 +28,6 @@ import common  # noqa: E402
 from common import UserError  # noqa: E402
 
 
-# "ours:compiled" decodes with the torch.compile'd step (SamplingConfig.compile); compiling is in the warm-up.
-OURS_VARIANTS = ("ours", "ours:compiled")
-
-
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_model_args(p, default_models="ours,hf:grouped_mm")
@@ -88,7 +84,7 @@ def run(args) -> int:
     if raised_context:
         model_config = common.load_model_config(args.preset, [*args.set, f"context_length={needed}"])
 
-    names = common.parse_models(args.models, OURS_VARIANTS)
+    names = common.parse_models(args.models, common.OURS_VARIANTS)
     env = common.environment(device)
     print(f"# bench_generate  {env['date']}  commit {env['commit']}  {env.get('gpu', env['cpu'])}  "
           f"threads {env['torch_threads']}  torch {env['torch']}  transformers {env['transformers']}")
@@ -101,7 +97,7 @@ def run(args) -> int:
     prompt = torch.randint(0, model_config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(7))
     models, generators, errors = {}, {}, {}
     for name in names:
-        if name in OURS_VARIANTS:
+        if name in common.OURS_VARIANTS:
             generate_fn = functools.partial(generate_ours, decode_dtype=args.decode_dtype,
                                             compile=name == "ours:compiled")
         else:

@@ -26,10 +26,6 @@ import common  # noqa: E402
 from common import UserError  # noqa: E402
 
 
-# "ours:compiled": our model under torch.compile while the others stay eager (--compile compiles all).
-OURS_VARIANTS = ("ours", "ours:compiled")
-
-
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_model_args(p, default_models="ours,hf:grouped_mm,hf:eager")
@@ -65,7 +61,7 @@ def make_step(name: str, model, optimizer, batches, device: str, dtype: str):
     compiled = getattr(model, "_bench_forward", model)
 
     def loss_of(inputs, targets):
-        if name in OURS_VARIANTS:
+        if name in common.OURS_VARIANTS:
             out = compiled(inputs, targets=targets)
             return out.loss + out.aux_loss if out.aux_loss is not None else out.loss
         # HF shifts `labels` itself; `shift_labels` hands it our already-shifted targets so
@@ -174,7 +170,7 @@ def run(args) -> int:
         print(common.json.dumps(measure_memory_here(args.measure_memory, model_config, args, device)))
         return 0
 
-    names = common.parse_models(args.models, OURS_VARIANTS)
+    names = common.parse_models(args.models, common.OURS_VARIANTS)
     env = common.environment(device)
     tokens_per_step = args.batch * args.seq
     flops_per_token = common.training_flops_per_token(model_config, args.seq)

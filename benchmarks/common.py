@@ -132,6 +132,11 @@ def build_hf(model_config, experts_implementation: str, device: str):
     return model.to(device)
 
 
+# Our model names in --models: "ours:compiled" runs ours under torch.compile while the others stay
+# eager (training: torch.compile(model); generation: SamplingConfig.compile, compiled in the warm-up).
+OURS_VARIANTS = ("ours", "ours:compiled")
+
+
 def parse_models(text: str, ours_variants: tuple[str, ...] = ("ours",)) -> list[str]:
     """`ours,hf:grouped_mm,hf:eager` -> validated list of model names (ours_variants: our accepted names)."""
     names = [name.strip() for name in text.split(",") if name.strip()]
