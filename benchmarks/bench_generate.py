@@ -148,14 +148,10 @@ def run(args) -> int:
             "ms_per_token": 1000 * elapsed / args.new_tokens,
             "peak_mb": peaks.get(name),
         })
-    # Every row against the first HF model (the reference the targets name).
-    reference = next((r for r in rows if r["model"].startswith("hf:")), None)
-    if reference is not None:
-        for row in rows:
-            row["speedup_vs_reference"] = row["tokens_per_s"] / reference["tokens_per_s"]
+    reference_column = common.add_reference_speedups(rows)
     columns = [("model", "model", ""), ("tokens_per_s", "tokens/s", ",.1f"), ("ms_per_token", "ms/token", ".2f"),
                ("peak_mb", "peak MiB", ",.0f"),
-               ("speedup_vs_reference", f"x {reference['model']}" if reference else "x ref", ".2f")]
+               reference_column]
     rows += [{"model": name, "error": message} for name, message in errors.items()]
     if errors:
         columns.append(("error", "error", ""))

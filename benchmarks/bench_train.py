@@ -233,16 +233,12 @@ def run(args) -> int:
             row["ours_speedup"] = ours["tokens_per_s"] / row["tokens_per_s"]
             if row.get("peak_mb") and ours.get("peak_mb"):
                 row["ours_memory_ratio"] = ours["peak_mb"] / row["peak_mb"]
-    # Every row against the first HF model too (the reference the targets name).
-    reference = next((r for r in rows if r["model"].startswith("hf:")), None)
-    if reference is not None:
-        for row in rows:
-            row["speedup_vs_reference"] = row["tokens_per_s"] / reference["tokens_per_s"]
+    reference_column = common.add_reference_speedups(rows)
 
     columns = [("model", "model", ""), ("tokens_per_s", "tokens/s", ",.0f"), ("steps_per_s", "steps/s", ".3f"),
                ("first_loss", "loss@0", ".3f"), ("peak_mb", "peak MiB", ",.0f"),
                ("ours_speedup", "ours x faster", ".2f"), ("ours_memory_ratio", "ours/their mem", ".2f"),
-               ("speedup_vs_reference", f"x {reference['model']}" if reference else "x ref", ".2f")]
+               reference_column]
     if torch.device(device).type == "cuda":
         columns.insert(3, ("mfu", "MFU", ".1%"))
     rows += [{"model": name, "error": message} for name, message in errors.items()]

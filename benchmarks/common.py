@@ -137,6 +137,15 @@ def build_hf(model_config, experts_implementation: str, device: str):
 OURS_VARIANTS = ("ours", "ours:compiled")
 
 
+def add_reference_speedups(rows: list[dict]) -> tuple:
+    """Each row's tokens/s against the first HF model's (the reference the targets name); its table column."""
+    reference = next((r for r in rows if r["model"].startswith("hf:")), None)
+    if reference is not None:
+        for row in rows:
+            row["speedup_vs_reference"] = row["tokens_per_s"] / reference["tokens_per_s"]
+    return ("speedup_vs_reference", f"x {reference['model']}" if reference else "x ref", ".2f")
+
+
 def parse_models(text: str, ours_variants: tuple[str, ...] = ("ours",)) -> list[str]:
     """`ours,hf:grouped_mm,hf:eager` -> validated list of model names (ours_variants: our accepted names)."""
     names = [name.strip() for name in text.split(",") if name.strip()]

@@ -193,33 +193,21 @@ class CompiledDecoder:
         if positions is None:
             positions = default_positions.fill_(cache.length)
         args = (tokens, slot, positions, no_pad if pad is None else pad, cache.k, cache.v)
-        if key in self._warm:
+        try:
             logits = self._compiled(*args)
-        else:
-            try:
-                logits = self._compiled(*args)
-            except Exception as exc:  # a missing C++ compiler, an unsupported device, ...
-                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise UserError(f"compiling the decoding step failed ({type(exc).__name__}: {first_line[:200]}); "
-                                f"torch.compile needs a working C++ compiler on CPU; run without --compile") from None
-            self._warm.add(key)
+        except Exception as exc:  # compiling failed: a missing C++ compiler, an unsupported device, ...
+            if key in self._warm:
+                raise  # this shape ran before: not a compilation problem
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"compiling the decoding step failed ({type(exc).__name__}: {first_line[:200]}); "
+                            f"torch.compile needs a working C++ compiler on CPU; run without --compile") from None
+        self._warm.add(key)
         cache.length += 1
         return logits
-
-    @staticmethod
-    def signature(model, dtype: torch.dtype | None) -> tuple:
-        """Changes whenever a weight is replaced or modified in place (an optimizer step bumps `_version`)."""
-        tensors = [*model.parameters(), *model.buffers()]
-        return ("compiled", dtype, *((t.data_ptr(), t._version) for t in tensors))
 
     @classmethod
     def for_model(cls, model, dtype: torch.dtype | None = None) -> "CompiledDecoder":
         """The model's compiled decoder, rebuilt (and recompiled) only when its weights or dtype changed."""
-        signature = cls.signature(model, dtype)
-        cached = model.__dict__.get("_compiled_decoder")
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        model.__dict__.pop("_compiled_decoder", None)
-        decoder = cls(model, dtype)
-        model.__dict__["_compiled_decoder"] = (signature, decoder)
-        return decoder
+        from gtransformer.generate import cached_for_weights
+
+        return cached_for_weights(model, "_compiled_decoder", dtype, lambda: cls(model, dtype))

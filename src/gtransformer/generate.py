@@ -250,12 +250,6 @@ class DecodeWeights:
             self.layers.append(layer)
         self.lm_head = _right_operand(model.lm_head.weight, dtype, model.norm.weight.float() * root_d)
 
-    @staticmethod
-    def signature(model, dtype: torch.dtype) -> tuple:
-        """Changes whenever a weight is replaced or modified in place (an optimizer step bumps `_version`)."""
-        tensors = [*model.parameters(), *model.buffers()]
-        return (dtype, *((t.data_ptr(), t._version) for t in tensors))
-
     @classmethod
     def for_model(cls, model, dtype: torch.dtype | None = None, keep: bool = True) -> "DecodeWeights":
         """The model's prepared weights, rebuilt only when the weights (or dtype) changed since the last call.
@@ -264,16 +258,26 @@ class DecodeWeights:
         weights between samples, and the copies would only add to the training memory.
         """
         dtype = dtype or model.embed_tokens.weight.dtype
-        signature = cls.signature(model, dtype)
-        cached = model.__dict__.get("_decode_weights")
-        if not keep or cached is None or cached[0] != signature:
-            model.__dict__.pop("_decode_weights", None)  # free the old copies before building new ones
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        weights = cls(model, dtype)
-        if keep:
-            model.__dict__["_decode_weights"] = (signature, weights)
-        return weights
+        return cached_for_weights(model, "_decode_weights", dtype, lambda: cls(model, dtype), keep)
+
+
+def cached_for_weights(model, attribute: str, dtype, build, keep: bool = True):
+    """build() cached on the model under `attribute`, rebuilt only when a weight (or dtype) changed.
+
+    The key changes whenever a weight is replaced or modified in place (an optimizer step bumps
+    `_version`). keep=False returns a matching cached value but keeps nothing on the model.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    signature = (dtype, *((t.data_ptr(), t._version) for t in tensors))
+    cached = model.__dict__.get(attribute)
+    if not keep or cached is None or cached[0] != signature:
+        model.__dict__.pop(attribute, None)  # free the old copies before building new ones
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    value = build()
+    if keep:
+        model.__dict__[attribute] = (signature, value)
+    return value
 
 
 # Decoding steps of up to this many rows take `Decoder`: it runs each row through its experts one by
