@@ -19,9 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-from gtransformer.download import download
-from gtransformer.prepare import prepare
-from gtransformer.tokenizer import Tokenizer
+from gtransformer.data.download import download
+from gtransformer.data.prepare import prepare
+from gtransformer.data.shards import read_shard
+from gtransformer.data.tokenizer import Tokenizer
 
 DEFAULT_MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "gutenberg-mirror"
 
@@ -61,8 +62,6 @@ def pipeline(mirror: str, work: Path, label: str, workers: int) -> dict:
 
 
 def tokenizer_throughput(prepared: Path) -> None:
-    from gtransformer.shards import read_shard
-
     tokenizer = Tokenizer.from_file(prepared / "tokenizer.json")
     text = tokenizer.decode(read_shard(prepared / "val.bin"))
     books = [b for b in text.split("<|endoftext|>") if b]

@@ -44,7 +44,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def generate_ours(model, prompt: torch.Tensor, new_tokens: int, decode_dtype: str | None = None,
                   compile: bool = False) -> list[int]:
-    from gtransformer.generate import SamplingConfig, generate
+    from gtransformer.inference.generate import SamplingConfig, generate
 
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, dtype=decode_dtype, compile=compile)
     return generate(model, [prompt.tolist()], sampling)[0]

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import UserError  # noqa: E402
 
+from gtransformer.runtime import device_peak_flops  # noqa: E402
+
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -102,7 +104,7 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
 def measure_memory_here(name: str, model_config, args, device: str) -> dict:
     """Peak memory of training `name` alone (run in its own process on CPU)."""
     # Both processes import both libraries first, so the baseline is the same code in memory.
-    import gtransformer.model  # noqa: F401
+    import gtransformer.model.model  # noqa: F401
     from transformers import MixtralForCausalLM  # noqa: F401
 
     baseline = common.current_rss_mb()
@@ -212,6 +214,7 @@ def run(args) -> int:
     if not args.no_memory:
         peaks = measure_memory(names, model_config, args, device, models)
 
+    peak = device_peak_flops(torch.device(device))
     rows = []
     for name in names:
         step_time = common.median(seconds[name])
@@ -224,7 +227,7 @@ def run(args) -> int:
             "steps_per_s": 1 / step_time,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_all": [tokens_per_step / s for s in seconds[name]],
-            "mfu": tokens_per_s * flops_per_token / common.H100_BF16_FLOPS,
+            "mfu": tokens_per_s * flops_per_token / peak if peak else None,  # known GPUs only
             "peak_mb": peaks.get(name),
         })
     if "ours" in seconds:

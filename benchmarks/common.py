@@ -28,10 +28,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "src") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
+from gtransformer import config as config_lib  # noqa: E402
 from gtransformer.errors import UserError  # noqa: E402
-
-# Dense bf16 tensor-core rate measured on the project's H100 (issue 5); MFU divides by it.
-H100_BF16_FLOPS = 790e12
+from gtransformer.model.config import ModelConfig  # noqa: E402
+from gtransformer.model.model import GPT  # noqa: E402
 
 HF_EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
 
@@ -57,9 +57,6 @@ def add_run_args(parser) -> None:
 
 def load_model_config(preset: str, overrides: list[str] | None = None):
     """`ModelConfig` from `configs/<preset>.toml` (or a TOML path), with `key=value` overrides of [model]."""
-    from gtransformer import config as config_lib
-    from gtransformer.model import ModelConfig
-
     path = Path(preset)
     if not path.suffix:
         path = REPO_ROOT / "configs" / f"{preset}.toml"
@@ -108,8 +105,6 @@ def mixtral_config(model_config, experts_implementation: str = "grouped_mm"):
 
 
 def build_ours(model_config, device: str):
-    from gtransformer.model import GPT
-
     torch.manual_seed(0)
     return GPT(model_config).to(device)
 
@@ -177,8 +172,6 @@ def training_flops_per_token(model_config, seq_len: int) -> float:
 
     Both models share the shape, so one count serves both MFUs. Built on the meta
     device: no memory, instant even for the base preset."""
-    from gtransformer.model import GPT
-
     with torch.device("meta"):
         return float(GPT(model_config).flops_per_token(seq_len))
 

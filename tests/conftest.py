@@ -1,13 +1,24 @@
-"""Shared fixtures: a tiny Gutenberg-layout mirror written by the tests, and a loopback HTTP server."""
+"""Shared fixtures: a tiny Gutenberg-layout mirror, a loopback HTTP server, a small prepared corpus and
+model, and a recorder of the logits each generation step samples from."""
 
 from __future__ import annotations
 
 import functools
 import http.server
+import json
+import random
 import threading
 from pathlib import Path
 
 import pytest
+import torch
+
+from gtransformer.data.shards import write_shard
+from gtransformer.data.tokenizer import Tokenizer
+from gtransformer.inference import generate as generate_module
+from gtransformer.inference.generate import SamplingConfig, generate
+from gtransformer.model.config import ModelConfig
+from gtransformer.model.model import GPT
 
 REAL_MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "gutenberg-mirror"
 
@@ -117,3 +128,105 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# --- a small prepared corpus and the tables of a model that trains a step in milliseconds -------------
+
+WORDS = (
+    "a o de que e do da em um para é com não uma os no se na por mais as dos como mas foi ao ele das "
+    "tem à seu sua ou ser quando muito há nos já está eu também só pelo pela até isso ela entre era "
+    "depois sem mesmo aos ter seus quem nas me esse eles estão você tinha foram essa num nem suas meu "
+    "casa cidade manhã amor coração olhos mulher homem noite dia tempo vida mundo senhor senhora rua"
+).split()
+
+
+def portuguese_like_text(seed: int, sentences: int) -> str:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+        out.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?", ","]))
+    return " ".join(out)
+
+
+def make_corpus(folder: Path, vocab_size: int = 384, sentences: int = 600) -> Path:
+    """A prepared-corpus folder (train/val/test.bin, tokenizer.json, stats.json) in seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    documents = {split: [portuguese_like_text(offset + i, sentences) for i in range(n)]
+                 for split, n, offset in (("train", 4, 0), ("val", 1, 100), ("test", 1, 200))}
+    tokenizer = Tokenizer.train_bpe(documents["train"], vocab_size=vocab_size)
+    tokenizer.save(folder / "tokenizer.json")
+    stats = {"splits": {}}
+    for split, docs in documents.items():
+        tokens: list[int] = []
+        for doc in docs:
+            tokens += tokenizer.encode(doc) + [tokenizer.eot_id]
+        write_shard(folder / f"{split}.bin", tokens, vocab_size=tokenizer.vocab_size)
+        stats["splits"][split] = {"books": len(docs), "bytes": sum(len(d.encode()) for d in docs), "tokens": len(tokens)}
+    (folder / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
+    return folder
+
+
+def tiny_tables(data: Path, **train) -> dict:
+    """[model]/[train]/[data] tables for a model that trains a step in milliseconds."""
+    return {
+        "model": {"vocab_size": 384, "context_length": 32, "d_model": 32, "n_layers": 2, "n_heads": 4,
+                  "n_kv_heads": 2, "n_experts": 4, "top_k": 2, "expert_hidden": 32},
+        "train": {"batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "log_every": 1, "eval_every": 0,
+                  "eval_tokens": 256, "checkpoint_every": 0, "sample_prompts": [], "tensorboard": False, **train},
+        "data": {"path": str(data)},
+    }
+
+
+@pytest.fixture(scope="session", name="make_corpus")
+def make_corpus_fixture():
+    """make_corpus(folder, vocab_size=384, sentences=600) -> a prepared-corpus folder."""
+    return make_corpus
+
+
+@pytest.fixture(scope="session", name="tiny_tables")
+def tiny_tables_fixture():
+    """tiny_tables(data, **train) -> [model]/[train]/[data] tables."""
+    return tiny_tables
+
+
+# --- a small model and what each generation step sampled from ------------------------------------------
+
+
+def make_model(vocab_size: int = 300, **overrides) -> GPT:
+    torch.manual_seed(0)
+    values = dict(
+        vocab_size=vocab_size, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+        n_experts=4, top_k=2, expert_hidden=32, init_std=0.1,
+    )
+    values.update(overrides)
+    return GPT(ModelConfig(**values)).eval()
+
+
+def record_step_logits(model, prompts, n_new, **sampling):
+    """Run greedy generation and keep the logits each step sampled from (prefill, then the decoding steps)."""
+    seen = []
+    original = generate_module.sample_next
+
+    def recording(logits, *args):
+        seen.append(logits.clone())
+        return original(logits, *args)
+
+    generate_module.sample_next = recording
+    try:
+        tokens = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, temperature=0, **sampling))
+    finally:
+        generate_module.sample_next = original
+    return tokens, seen
+
+
+@pytest.fixture(scope="session", name="make_model")
+def make_model_fixture():
+    """make_model(vocab_size=300, **ModelConfig overrides) -> a seeded tiny GQA + MoE GPT in eval mode."""
+    return make_model
+
+
+@pytest.fixture(scope="session", name="record_step_logits")
+def record_step_logits_fixture():
+    """record_step_logits(model, prompts, n_new, **sampling) -> (tokens, logits of each step)."""
+    return record_step_logits

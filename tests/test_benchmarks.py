@@ -23,7 +23,7 @@ SMALL = ["--preset", "tiny", "--set", "n_layers=1", "--set", "vocab_size=512", "
 
 
 def test_mixtral_config_matches_our_model_exactly():
-    from gtransformer.model import GPT
+    from gtransformer.model.model import GPT
 
     config = common.load_model_config("tiny", ["n_layers=2", "vocab_size=512"])
     ours = GPT(config)
@@ -76,7 +76,7 @@ def test_cpu_peak_memory_is_measured_in_a_fresh_process():
     """Training holds weights, gradients and two AdamW moments: the peak must exceed 4 x the weights."""
     result = common.run_isolated(BENCH / "bench_train.py",
                                  [*SMALL, "--batch", "2", "--seq", "16", "--warmup", "1", "--measure-memory", "ours"])
-    from gtransformer.model import GPT
+    from gtransformer.model.model import GPT
 
     weights_mb = GPT(common.load_model_config("tiny", ["n_layers=1", "vocab_size=512"])).num_params() * 4 / 2**20
     assert result["peak_rss_mb"] - result["baseline_rss_mb"] > 4 * weights_mb

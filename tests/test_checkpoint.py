@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from gtransformer import checkpoint as ckpt
+from gtransformer.training import checkpoint as ckpt
+from gtransformer.training.run_dir import RunDir
 from gtransformer.errors import UserError
-from gtransformer.train import train
+from gtransformer.training.trainer import train
 
-from test_data import make_corpus, tiny_tables
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 
 
-def save(run: Path, step: int, keep: bool = False, keep_last: int = 2) -> Path:
+def save(run: Path, step: int, keep: bool = False, keep_last: int = 2):
     return ckpt.save_checkpoint(run, step, {"w": torch.full((2, 2), float(step))}, {"x": torch.tensor(step)},
                                 {"keep": keep}, keep_last=keep_last)
 
@@ -26,11 +26,11 @@ def save(run: Path, step: int, keep: bool = False, keep_last: int = 2) -> Path:
 def test_prune_keeps_last_n_and_marked_ones(tmp_path):
     for step in range(1, 7):
         save(tmp_path, step, keep=step == 2)
-    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    names = [p.path.name for p in RunDir(tmp_path).checkpoints()]
     assert names == ["step-0000002", "step-0000005", "step-0000006"]
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000006"
-    assert float(ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path))["w"][0, 0]) == 6.0
-    assert int(ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))["x"]) == 6
+    assert RunDir(tmp_path).latest_checkpoint().path.name == "step-0000006"
+    assert float(ckpt.load_model_state(RunDir(tmp_path).latest_checkpoint())["w"][0, 0]) == 6.0
+    assert int(ckpt.load_train_state(RunDir(tmp_path).latest_checkpoint())["x"]) == 6
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
@@ -38,7 +38,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     # A crash mid-write leaves only a temporary folder, or a step folder without meta.json.
     (tmp_path / "checkpoints" / ".tmp-step-0000002-123").mkdir()
     (tmp_path / "checkpoints" / "step-0000003").mkdir()
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"
+    assert RunDir(tmp_path).latest_checkpoint().path.name == "step-0000001"
 
 
 def test_state_with_foreign_pickles_is_refused(tmp_path):
@@ -46,7 +46,7 @@ def test_state_with_foreign_pickles_is_refused(tmp_path):
     import pickle
 
     folder = save(tmp_path, 1)
-    torch.save({"x": argparse.Namespace(evil=True)}, folder / "state.pt")  # any non-allowlisted class
+    torch.save({"x": argparse.Namespace(evil=True)}, folder.state_path)  # any non-allowlisted class
     with pytest.raises(pickle.UnpicklingError):
         ckpt.load_train_state(folder)
 
@@ -62,7 +62,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
-def test_load_for_inference_from_run_or_checkpoint(tmp_path):
+def test_load_for_inference_from_run_or_checkpoint(tmp_path, make_corpus, tiny_tables):
     corpus = make_corpus(tmp_path / "corpus", sentences=150)
     tables = tiny_tables(corpus, max_steps=4, checkpoint_every=2, keep_last=5)
     tables["model"]["tie_embeddings"] = True  # shared tensors must survive safetensors

@@ -1,6 +1,6 @@
 """Decoding, boilerplate stripping, paragraph rules and the language filter, on hand-written texts."""
 
-from gtransformer import clean
+from gtransformer.data import clean
 from conftest import SPANISH, gutenberg_file, portuguese_text
 
 BODY = "Era uma vez um rei que tinha tres filhas muito bonitas e sabias.\n\nA mais nova chamava-se Maria e vivia no castello."

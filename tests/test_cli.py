@@ -1,11 +1,12 @@
 """The command line as a user meets it: help for everything, one-line errors."""
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
-from gtransformer.cli import main
+from gtransformer.cli import build_parser, main
 
 COMMANDS = ["download", "prepare", "train", "eval", "generate", "report", "export"]
 
@@ -28,8 +29,13 @@ def test_each_command_has_help(command, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: gtransformer " + command)
-    # every option is described: argparse prints each option with its help text
-    assert "--help" in out
+    # Every argument of the command carries a help text, and the printed help shows it.
+    (subparsers,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    actions = [a for a in subparsers.choices[command]._actions if not isinstance(a, argparse._HelpAction)]
+    assert actions
+    for action in actions:
+        assert action.help and action.help != argparse.SUPPRESS, f"{command} {action.option_strings or action.dest}"
+        assert " ".join(action.help.split()[:3]) in " ".join(out.split()), action.help
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
-from gtransformer import compiled_decode
-from gtransformer.compiled_decode import CompiledDecoder
+from gtransformer import runtime
+from gtransformer.inference import compiled_decode
+from gtransformer.inference.compiled_decode import CompiledDecoder
 from gtransformer.errors import UserError
-from gtransformer.generate import SamplingConfig, generate
+from gtransformer.inference.generate import SamplingConfig, generate
 
-from test_generate import make_model, record_step_logits
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -39,7 +39,7 @@ def assert_matches_full_recompute(model, prompts, tokens, logits, atol):
         dict(balance="bias", qk_norm=True, head_dim=6),
     ],
 )
-def test_compiled_steps_match_full_recompute_with_ragged_prompts(overrides):
+def test_compiled_steps_match_full_recompute_with_ragged_prompts(overrides, make_model, record_step_logits):
     model = make_model(**overrides)
     if overrides.get("balance") == "bias":
         with torch.no_grad():
@@ -53,7 +53,7 @@ def test_compiled_steps_match_full_recompute_with_ragged_prompts(overrides):
     assert generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=0)) == tokens
 
 
-def test_compiled_bfloat16_decoding_stays_close_to_the_model_forward():
+def test_compiled_bfloat16_decoding_stays_close_to_the_model_forward(make_model, record_step_logits):
     model = make_model(n_layers=1).to(torch.bfloat16)
     prompts = [[7, 8, 9, 10, 11]]
     tokens, logits = record_step_logits(model, prompts, 6, compile=True)
@@ -62,7 +62,7 @@ def test_compiled_bfloat16_decoding_stays_close_to_the_model_forward():
     assert_matches_full_recompute(model, prompts, tokens, logits, atol=0.05)
 
 
-def test_compiled_decoder_is_reused_and_rebuilt_when_weights_change():
+def test_compiled_decoder_is_reused_and_rebuilt_when_weights_change(make_model, record_step_logits):
     model = make_model(n_layers=1)
     first = generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=5, temperature=0, compile=True))
     decoder = CompiledDecoder.for_model(model)
@@ -75,7 +75,7 @@ def test_compiled_decoder_is_reused_and_rebuilt_when_weights_change():
     assert_matches_full_recompute(model, [[1, 2, 3]], tokens, logits, atol=1e-5)
 
 
-def test_sampling_with_a_seed_is_reproducible_and_matches_the_eager_decoder():
+def test_sampling_with_a_seed_is_reproducible_and_matches_the_eager_decoder(make_model):
     model = make_model(n_layers=1)
     options = dict(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=3)
     compiled = generate(model, [[4, 5, 6]], SamplingConfig(compile=True, **options))
@@ -83,17 +83,17 @@ def test_sampling_with_a_seed_is_reproducible_and_matches_the_eager_decoder():
     assert compiled == generate(model, [[4, 5, 6]], SamplingConfig(**options))
 
 
-def test_user_mistakes_and_missing_compiler_are_one_line_errors(monkeypatch):
+def test_user_mistakes_and_missing_compiler_are_one_line_errors(monkeypatch, make_model):
     with pytest.raises(UserError, match="int8"):
         SamplingConfig(compile=True, dtype="int8").validate()
     model = make_model(n_layers=1)
-    monkeypatch.setattr(compiled_decode.shutil, "which", lambda name: None)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(UserError, match="C.. compiler.*without --compile"):
         generate(model, [[1, 2]], SamplingConfig(max_new_tokens=2, compile=True))
 
 
-def test_a_failing_compilation_becomes_a_user_error(monkeypatch):
+def test_a_failing_compilation_becomes_a_user_error(monkeypatch, make_model):
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nlong traceback text")

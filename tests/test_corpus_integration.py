@@ -7,9 +7,9 @@ import pytest
 
 from conftest import REAL_MIRROR
 from gtransformer.cli import main
-from gtransformer.download import CATALOG_PATH, candidate_paths
-from gtransformer.shards import read_shard
-from gtransformer.tokenizer import Tokenizer
+from gtransformer.data.download import CATALOG_PATH, candidate_paths
+from gtransformer.data.shards import read_shard
+from gtransformer.data.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.skipif(not REAL_MIRROR.is_dir(), reason=f"{REAL_MIRROR} not present")
 

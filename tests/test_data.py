@@ -1,8 +1,4 @@
-"""Training windows: coverage, seeded order, rank slicing and resumable position.
-
-Also home of `make_corpus` / `tiny_tables`, the small prepared corpus and model the
-other training tests (train, evaluate, checkpoint, report, distributed) share.
-"""
+"""Training windows: coverage, seeded order, rank slicing and resumable position."""
 
 from __future__ import annotations
 
@@ -14,57 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from gtransformer.data import DataPosition, WindowLoader
+from gtransformer.data.windows import DataPosition, WindowLoader
 from gtransformer.errors import UserError
-
-WORDS = (
-    "a o de que e do da em um para é com não uma os no se na por mais as dos como mas foi ao ele das "
-    "tem à seu sua ou ser quando muito há nos já está eu também só pelo pela até isso ela entre era "
-    "depois sem mesmo aos ter seus quem nas me esse eles estão você tinha foram essa num nem suas meu "
-    "casa cidade manhã amor coração olhos mulher homem noite dia tempo vida mundo senhor senhora rua"
-).split()
-
-
-def portuguese_like_text(seed: int, sentences: int) -> str:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(sentences):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
-        out.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?", ","]))
-    return " ".join(out)
-
-
-def make_corpus(folder: Path, vocab_size: int = 384, sentences: int = 600) -> Path:
-    """A prepared-corpus folder (train/val/test.bin, tokenizer.json, stats.json) in seconds."""
-    from gtransformer.shards import write_shard
-    from gtransformer.tokenizer import Tokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    documents = {split: [portuguese_like_text(offset + i, sentences) for i in range(n)]
-                 for split, n, offset in (("train", 4, 0), ("val", 1, 100), ("test", 1, 200))}
-    tokenizer = Tokenizer.train_bpe(documents["train"], vocab_size=vocab_size)
-    tokenizer.save(folder / "tokenizer.json")
-    stats = {"splits": {}}
-    for split, docs in documents.items():
-        tokens: list[int] = []
-        for doc in docs:
-            tokens += tokenizer.encode(doc) + [tokenizer.eot_id]
-        write_shard(folder / f"{split}.bin", tokens, vocab_size=tokenizer.vocab_size)
-        stats["splits"][split] = {"books": len(docs), "bytes": sum(len(d.encode()) for d in docs), "tokens": len(tokens)}
-    (folder / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
-    return folder
-
-
-def tiny_tables(data: Path, **train) -> dict:
-    """[model]/[train]/[data] tables for a model that trains a step in milliseconds."""
-    return {
-        "model": {"vocab_size": 384, "context_length": 32, "d_model": 32, "n_layers": 2, "n_heads": 4,
-                  "n_kv_heads": 2, "n_experts": 4, "top_k": 2, "expert_hidden": 32},
-        "train": {"batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "log_every": 1, "eval_every": 0,
-                  "eval_tokens": 256, "checkpoint_every": 0, "sample_prompts": [], "tensorboard": False, **train},
-        "data": {"path": str(data)},
-    }
-
 
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from gtransformer.config import to_toml
-from gtransformer.train import train
+from gtransformer.training.trainer import train
 
-from test_data import make_corpus, tiny_tables
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -32,7 +31,7 @@ def losses(run: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, make_corpus, tiny_tables):
     folder = tmp_path_factory.mktemp("dist")
     corpus = make_corpus(folder / "corpus", sentences=200)
     # Global batch 8 = 2 micro-batches of 4: one process accumulates both, two processes take one each.
@@ -64,7 +63,7 @@ def test_fsdp2_interrupted_and_resumed_matches_one_process(setup):
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(folder / "fsdp") == pytest.approx(reference, abs=1e-5)
     # Its checkpoint holds full (unsharded) weights that a single process can load.
-    from gtransformer.checkpoint import load_for_inference
+    from gtransformer.training.checkpoint import load_for_inference
 
     model, _, meta = load_for_inference(folder / "fsdp")
     assert meta["step"] == 5 and model.num_params() > 0

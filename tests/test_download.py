@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gtransformer import download as dl
+from gtransformer.data import download as dl
 from gtransformer.errors import UserError
 
 

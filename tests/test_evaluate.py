@@ -12,22 +12,22 @@ import pytest
 import torch
 
 from gtransformer.cli import main
-from gtransformer.evaluate import evaluate_split, token_byte_lengths
-from gtransformer.model import GPT, ModelConfig
-from gtransformer.tokenizer import Tokenizer
-from gtransformer.train import train
+from gtransformer.training.evaluate import evaluate_split, token_byte_lengths
+from gtransformer.model.config import ModelConfig
+from gtransformer.model.model import GPT
+from gtransformer.data.tokenizer import Tokenizer
+from gtransformer.training.trainer import train
 
-from test_data import make_corpus, tiny_tables
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(tmp_path_factory, make_corpus) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"), sentences=150)
 
 
-def test_bits_per_byte_matches_a_hand_computation(corpus):
+def test_bits_per_byte_matches_a_hand_computation(corpus, tiny_tables):
     tokenizer = Tokenizer.from_file(corpus / "tokenizer.json")
     text = "Era uma vez uma casa na cidade. O amor é a vida, senhora!"
     tokens = np.array(tokenizer.encode(text), dtype=np.uint16)
@@ -59,7 +59,7 @@ def test_bits_per_byte_matches_a_hand_computation(corpus):
     assert prefix["bytes"] == sum(len(tokenizer.token_bytes(int(t))) for t in tokens[1:9])
 
 
-def test_run_folder_alone_serves_eval_generate_report_export(corpus, tmp_path, capsys):
+def test_run_folder_alone_serves_eval_generate_report_export(corpus, tmp_path, capsys, tiny_tables):
     # The corpus is copied, trained on, and then only the val/test shards stay where the run recorded them.
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
@@ -82,7 +82,7 @@ def test_run_folder_alone_serves_eval_generate_report_export(corpus, tmp_path, c
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
-def test_eval_user_errors(corpus, tmp_path, capsys):
+def test_eval_user_errors(corpus, tmp_path, capsys, tiny_tables):
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     run = tmp_path / "run"

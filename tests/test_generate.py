@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from gtransformer import generate as generate_module
-from gtransformer.checkpoint import save_checkpoint
+from gtransformer.commands import generate as generate_command
+from gtransformer.inference import generate as generate_module
+from gtransformer.training.checkpoint import save_checkpoint
 from gtransformer.errors import UserError
-from gtransformer.generate import (
+from gtransformer.inference.generate import (
     SamplingConfig,
     TextStream,
     apply_repetition_penalty,
@@ -20,8 +21,9 @@ from gtransformer.generate import (
     iter_tokens,
     stream,
 )
-from gtransformer.model import GPT, ModelConfig
-from gtransformer.tokenizer import Tokenizer
+from gtransformer.model.config import ModelConfig
+from gtransformer.model.model import GPT
+from gtransformer.data.tokenizer import Tokenizer
 
 # Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,35 +41,8 @@ def tokenizer():
     return Tokenizer.train_bpe([TEXT], vocab_size=300, min_frequency=1)
 
 
-def make_model(vocab_size=300, **overrides) -> GPT:
-    torch.manual_seed(0)
-    values = dict(
-        vocab_size=vocab_size, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-        n_experts=4, top_k=2, expert_hidden=32, init_std=0.1,
-    )
-    values.update(overrides)
-    return GPT(ModelConfig(**values)).eval()
-
-
-def record_step_logits(model, prompts, n_new, **sampling):
-    """Run greedy generation and keep the logits each step sampled from (prefill, then the decoding steps)."""
-    seen = []
-    original = generate_module.sample_next
-
-    def recording(logits, *args):
-        seen.append(logits.clone())
-        return original(logits, *args)
-
-    generate_module.sample_next = recording
-    try:
-        tokens = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, temperature=0, **sampling))
-    finally:
-        generate_module.sample_next = original
-    return tokens, seen
-
-
 @pytest.mark.parametrize("expert_impl", ["grouped", "loop"])
-def test_cached_logits_equal_full_recompute_at_every_step(expert_impl):
+def test_cached_logits_equal_full_recompute_at_every_step(expert_impl, make_model, record_step_logits):
     model = make_model(expert_impl=expert_impl)
     prompt = [5, 17, 42, 8, 99, 3]
     tokens, step_logits = record_step_logits(model, [prompt], 12)
@@ -78,7 +53,7 @@ def test_cached_logits_equal_full_recompute_at_every_step(expert_impl):
             torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
 
 
-def test_batch_of_unequal_prompts_matches_each_prompt_alone():
+def test_batch_of_unequal_prompts_matches_each_prompt_alone(make_model, record_step_logits):
     model = make_model(qk_norm=True)
     prompts = [[7, 8, 9, 10, 11, 12, 13], [200], [31, 32, 33]]
     tokens, step_logits = record_step_logits(model, prompts, 10)
@@ -100,7 +75,7 @@ def test_batch_of_unequal_prompts_matches_each_prompt_alone():
         dict(n_experts=0),  # dense model
     ],
 )
-def test_fast_decoder_matches_full_recompute_across_architectures(overrides):
+def test_fast_decoder_matches_full_recompute_across_architectures(overrides, make_model, record_step_logits):
     model = make_model(**overrides)
     if overrides.get("balance") == "bias":
         with torch.no_grad():
@@ -115,7 +90,7 @@ def test_fast_decoder_matches_full_recompute_across_architectures(overrides):
                 torch.testing.assert_close(cached[row], full, atol=1e-5, rtol=0)
 
 
-def test_batches_larger_than_the_fast_path_decode_through_the_model_forward():
+def test_batches_larger_than_the_fast_path_decode_through_the_model_forward(make_model, record_step_logits):
     model = make_model()
     prompts = [[i + 1] * (i + 1) for i in range(generate_module.FAST_DECODE_MAX_BATCH + 1)]
     calls = []
@@ -132,7 +107,7 @@ def test_batches_larger_than_the_fast_path_decode_through_the_model_forward():
                 torch.testing.assert_close(cached[row], full, atol=1e-5, rtol=0)
 
 
-def test_decoding_steps_skip_the_module_forward_and_reuse_prepared_weights():
+def test_decoding_steps_skip_the_module_forward_and_reuse_prepared_weights(make_model, record_step_logits):
     model = make_model()
     calls = []
     handle = model.register_forward_hook(lambda *args: calls.append(1))
@@ -162,7 +137,7 @@ def test_decoding_steps_skip_the_module_forward_and_reuse_prepared_weights():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
-def test_reduced_precision_decode_weights_stay_close_to_float32(dtype):
+def test_reduced_precision_decode_weights_stay_close_to_float32(dtype, make_model, record_step_logits):
     model = make_model()
     prompts = [[5, 17, 42, 8, 99], [3]]
     tokens, exact = record_step_logits(model, prompts, 8)
@@ -178,13 +153,13 @@ def test_reduced_precision_decode_weights_stay_close_to_float32(dtype):
         generate(model, [[1]], SamplingConfig(dtype="float8"))
 
 
-def test_int8_decoding_without_its_kernel_is_a_user_error(monkeypatch):
+def test_int8_decoding_without_its_kernel_is_a_user_error(monkeypatch, make_model):
     monkeypatch.setattr(generate_module, "int8_decode_available", lambda: False)
     with pytest.raises(UserError, match="int8.*float16"):
         generate(make_model(), [[1]], SamplingConfig(dtype="int8"))
 
 
-def test_bfloat16_model_decodes_like_its_own_forward():
+def test_bfloat16_model_decodes_like_its_own_forward(make_model, record_step_logits):
     model = make_model().to(torch.bfloat16)
     prompt = [5, 17, 42, 8]
     tokens, step_logits = record_step_logits(model, [prompt], 4)
@@ -194,7 +169,7 @@ def test_bfloat16_model_decodes_like_its_own_forward():
             torch.testing.assert_close(cached, full, atol=3e-2, rtol=0)  # bfloat16 rounding (measured <= 1.6e-2)
 
 
-def test_seeded_sampling_is_reproducible():
+def test_seeded_sampling_is_reproducible(make_model):
     model = make_model()
     sampling = dict(max_new_tokens=20, temperature=1.5, top_k=50, top_p=0.95, repetition_penalty=1.2)
     a = generate(model, [[1, 2, 3], [4]], SamplingConfig(seed=123, **sampling))
@@ -260,7 +235,7 @@ def test_streaming_never_yields_a_broken_character(tokenizer):
         piece.encode("utf-8")  # a lone surrogate or half character would fail here
 
 
-def test_stream_of_a_real_model_decodes_like_the_tokenizer(tokenizer):
+def test_stream_of_a_real_model_decodes_like_the_tokenizer(tokenizer, make_model):
     model = make_model()
     sampling = SamplingConfig(max_new_tokens=30, temperature=1.0, seed=7, stop_token_ids=(-5,))
     pieces = list(stream(model, tokenizer, "O coração", sampling))
@@ -289,7 +264,7 @@ def test_stop_strings_cut_the_text_and_hold_back_partial_matches(tokenizer):
     assert s.feed(byte_tokens(tokenizer, "X")[0]) == "FX"
 
 
-def test_max_new_tokens_and_context_errors():
+def test_max_new_tokens_and_context_errors(make_model):
     model = make_model()
     assert [len(t) for t in generate(model, [[1, 2], [3]], SamplingConfig(max_new_tokens=7, temperature=0))] == [7, 7]
     assert list(iter_tokens(model, [[1]], SamplingConfig(max_new_tokens=0))) == []
@@ -304,7 +279,7 @@ def test_max_new_tokens_and_context_errors():
 def run_command(argv):
     """Parse and run like the `gtransformer` CLI, with only this module registered."""
     parser = argparse.ArgumentParser()
-    generate_module.register(parser.add_subparsers(dest="command"))
+    generate_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -313,7 +288,7 @@ def run_command(argv):
         return 2
 
 
-def test_generate_command_streams_text_from_a_run_folder(tokenizer, tmp_path, capsys):
+def test_generate_command_streams_text_from_a_run_folder(tokenizer, tmp_path, capsys, make_model):
     model = make_model(vocab_size=tokenizer.vocab_size)
     run = tmp_path / "run"
     save_checkpoint(run, 1, model.state_dict(), {}, {"config": {"model": model.config.to_dict()}})

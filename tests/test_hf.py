@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 
-from gtransformer import hf as hf_module
-from gtransformer.checkpoint import save_checkpoint
+from gtransformer.commands import export as export_command
+from gtransformer.interop import hf as hf_module
+from gtransformer.training.checkpoint import save_checkpoint
 from gtransformer.errors import UserError
-from gtransformer.generate import SamplingConfig, generate
-from gtransformer.hf import export_hf, import_hf
-from gtransformer.model import GPT, ModelConfig
-from gtransformer.tokenizer import Tokenizer
+from gtransformer.inference.generate import SamplingConfig, generate
+from gtransformer.interop.hf import export_hf, import_hf
+from gtransformer.model.config import ModelConfig
+from gtransformer.model.model import GPT
+from gtransformer.data.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,19 +26,9 @@ def tokenizer():
     return Tokenizer.train_bpe([TEXT], vocab_size=300, min_frequency=1)
 
 
-def make_model(tokenizer, **overrides) -> GPT:
-    torch.manual_seed(0)
-    values = dict(
-        vocab_size=tokenizer.vocab_size, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-        n_experts=4, top_k=2, expert_hidden=32, init_std=0.1, rope_theta=5000.0,
-    )
-    values.update(overrides)
-    return GPT(ModelConfig(**values)).eval()
-
-
 @pytest.fixture(scope="module")
-def exported(tokenizer, tmp_path_factory):
-    model = make_model(tokenizer)
+def exported(tokenizer, tmp_path_factory, make_model):
+    model = make_model(tokenizer.vocab_size, rope_theta=5000.0)
     folder = export_hf(model, tokenizer, tmp_path_factory.mktemp("export") / "hf")
     return model, folder
 
@@ -95,8 +87,8 @@ def test_import_reads_what_transformers_save_pretrained_writes(exported, tmp_pat
         assert torch.equal(tensor, imported.state_dict()[name]), name
 
 
-def test_tied_embeddings_round_trip(tokenizer, tmp_path):
-    model = make_model(tokenizer, tie_embeddings=True)
+def test_tied_embeddings_round_trip(tokenizer, tmp_path, make_model):
+    model = make_model(tokenizer.vocab_size, rope_theta=5000.0, tie_embeddings=True)
     folder = export_hf(model, tokenizer, tmp_path / "tied")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
@@ -116,16 +108,16 @@ def test_tied_embeddings_round_trip(tokenizer, tmp_path):
         (dict(n_experts=0), "n_experts = 0"),
     ],
 )
-def test_options_mixtral_cannot_represent_are_named(tokenizer, tmp_path, overrides, option):
-    model = make_model(tokenizer, **overrides)
+def test_options_mixtral_cannot_represent_are_named(tokenizer, tmp_path, overrides, option, make_model):
+    model = make_model(tokenizer.vocab_size, rope_theta=5000.0, **overrides)
     with pytest.raises(UserError, match="cannot be exported as Mixtral") as info:
         export_hf(model, tokenizer, tmp_path / "out")
     assert option in str(info.value)
     assert not (tmp_path / "out").exists()
 
 
-def test_bias_balancing_exports_only_while_biases_are_zero(tokenizer, tmp_path):
-    model = make_model(tokenizer, balance="bias")
+def test_bias_balancing_exports_only_while_biases_are_zero(tokenizer, tmp_path, make_model):
+    model = make_model(tokenizer.vocab_size, rope_theta=5000.0, balance="bias")
     export_hf(model, tokenizer, tmp_path / "zero")
     with torch.no_grad():
         model.layers[0].mlp.gate.expert_bias[1] = 0.01
@@ -145,13 +137,13 @@ def test_export_never_overwrites_without_force(exported, tokenizer, tmp_path):
     assert (target / "config.json").is_file() and not (target / "notes.txt").exists()
 
 
-def test_export_command_from_a_run_folder(tokenizer, tmp_path):
-    model = make_model(tokenizer)
+def test_export_command_from_a_run_folder(tokenizer, tmp_path, make_model):
+    model = make_model(tokenizer.vocab_size, rope_theta=5000.0)
     run = tmp_path / "run"
     save_checkpoint(run, 3, model.state_dict(), {}, {"config": {"model": model.config.to_dict()}})
     tokenizer.save(run / "tokenizer.json")
     parser = argparse.ArgumentParser()
-    hf_module.register(parser.add_subparsers(dest="command"))
+    export_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"])
     assert args.func(args) in (0, None)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from gtransformer.config import load_toml
 from gtransformer.errors import UserError
-from gtransformer.model import GPT, KVCache, ModelConfig, apply_rope
+from gtransformer.model.config import ModelConfig
+from gtransformer.model.model import GPT, KVCache, apply_rope
 
 # Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -194,7 +195,7 @@ def test_qk_norm_model_runs_and_trains():
 @pytest.mark.parametrize("tie", [False, True])
 def test_fused_loss_and_gradients_equal_plain_cross_entropy(monkeypatch, autocast, tie):
     """LinearCrossEntropy (chunked, gradients formed in forward) against lm_head + F.cross_entropy."""
-    from gtransformer.model import LinearCrossEntropy
+    from gtransformer.model.model import LinearCrossEntropy
 
     monkeypatch.setattr(LinearCrossEntropy, "CHUNK_ROWS", 7)  # several chunks, a ragged last one
     torch.manual_seed(0)

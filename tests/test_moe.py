@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gtransformer.model import ModelConfig
-from gtransformer.moe import MoE, grouped_mm_supported, init_moe_weights
+from gtransformer.model.config import ModelConfig
+from gtransformer.model.moe import MoE, grouped_mm_supported, init_moe_weights
 
 # Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,7 +142,7 @@ def test_router_runs_in_float32_under_bfloat16_input():
 @pytest.mark.parametrize("n_tokens", [1, 3])
 def test_few_token_decoding_path_agrees_with_loop(n_tokens):
     """A decoding step on CPU takes forward_few_tokens; same outputs and gradients as the reference."""
-    from gtransformer.moe import FEW_TOKENS
+    from gtransformer.model.moe import FEW_TOKENS
 
     assert n_tokens <= FEW_TOKENS
     moe = make_moe(n_shared_experts=1)
@@ -170,10 +170,10 @@ def test_bfloat16_autocast_forward_and_backward(impl):
 
 
 def test_the_chosen_expert_path_is_logged_once(caplog, monkeypatch):
-    from gtransformer import moe as moe_module
+    from gtransformer.model import moe as moe_module
 
     monkeypatch.setattr(moe_module, "_impl_choice", {})
-    with caplog.at_level("INFO", logger="gtransformer.moe"):
+    with caplog.at_level("INFO", logger="gtransformer.model.moe"):
         for _ in range(2):
             moe_module.choose_expert_impl("auto", torch.device("cpu"), torch.float32)
         chosen = moe_module.choose_expert_impl("loop", torch.device("cpu"), torch.float32)

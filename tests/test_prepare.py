@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from gtransformer import prepare as prep
-from gtransformer.download import download
+from gtransformer.commands import prepare as prepare_command
+from gtransformer.data import prepare as prep
+from gtransformer.data.download import download
 from gtransformer.errors import UserError
-from gtransformer.shards import read_shard
-from gtransformer.tokenizer import Tokenizer
+from gtransformer.data.shards import read_shard
+from gtransformer.data.tokenizer import Tokenizer
 
 
 def test_split_is_a_function_of_id_and_salt():
@@ -52,11 +53,11 @@ def test_filter_reasons():
 
 
 def test_parse_split():
-    assert prep.parse_split("90/5/5") == pytest.approx((0.9, 0.05, 0.05))
-    assert prep.parse_split("0.8,0.1,0.1") == pytest.approx((0.8, 0.1, 0.1))
+    assert prepare_command.parse_split("90/5/5") == pytest.approx((0.9, 0.05, 0.05))
+    assert prepare_command.parse_split("0.8,0.1,0.1") == pytest.approx((0.8, 0.1, 0.1))
     for bad in ("90/10", "a/b/c", "0/50/50", "-1/1/1"):
         with pytest.raises(Exception):
-            prep.parse_split(bad)
+            prepare_command.parse_split(bad)
 
 
 def test_prepare_pipeline_on_fixture_mirror(small_mirror, tmp_path):

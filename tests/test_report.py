@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from gtransformer.cli import main
-from gtransformer.report import make_report
+from gtransformer.training.report import make_report
 
 
 def write_run(run: Path, steps: int = 6) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gtransformer.errors import UserError
-from gtransformer.shards import HEADER_SIZE, MAGIC, ShardWriter, read_header, read_shard, write_shard
+from gtransformer.data.shards import HEADER_SIZE, MAGIC, ShardWriter, read_header, read_shard, write_shard
 
 
 def test_header_and_read_back_uint16(tmp_path):

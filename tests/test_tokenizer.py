@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gtransformer.errors import UserError
-from gtransformer.tokenizer import EOT, Tokenizer, _pieces
+from gtransformer.inference.generate import TextStream
+from gtransformer.data.tokenizer import EOT, Tokenizer, _pieces
 from conftest import portuguese_text
 
 TRAINING = [portuguese_text(20, seed) for seed in range(3)] + ["números 1234 e símbolos → ☃ 😀 ção"] * 5
@@ -24,7 +25,8 @@ def test_round_trip_arbitrary_unicode(tokenizer, text):
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
     assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8")
-    assert "".join(tokenizer.iter_decode(ids)) == text
+    text_stream = TextStream(tokenizer)  # the incremental decoder generation streams through
+    assert "".join(text_stream.feed(i) for i in ids) + text_stream.finish() == text
 
 
 @settings(max_examples=60, deadline=None)

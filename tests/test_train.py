@@ -10,15 +10,15 @@ import pytest
 
 from gtransformer.cli import main
 from gtransformer.errors import UserError
-from gtransformer.train import TrainConfig, lr_multiplier, resolve_precision, train
+from gtransformer.runtime import resolve_precision
+from gtransformer.training.trainer import TrainConfig, lr_multiplier, train
 
-from test_data import make_corpus, tiny_tables
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(tmp_path_factory, make_corpus) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
@@ -27,7 +27,7 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
 
 
-def test_resume_is_bit_identical(corpus, tmp_path):
+def test_resume_is_bit_identical(corpus, tmp_path, tiny_tables):
     # balance="bias" so the router-bias buffers must survive the checkpoint too;
     # micro batches of 4 so gradient accumulation is part of what is resumed.
     tables = tiny_tables(corpus, max_steps=12, micro_batch_size=4, eval_every=4, checkpoint_every=5,
@@ -47,7 +47,7 @@ def test_resume_is_bit_identical(corpus, tmp_path):
     assert samples[0] == samples[1] and len(samples[0].splitlines()) == 6
 
 
-def test_float16_with_grad_scaler_stays_finite(corpus, tmp_path):
+def test_float16_with_grad_scaler_stays_finite(corpus, tmp_path, tiny_tables):
     row = train(tiny_tables(corpus, max_steps=6, precision="float16"), tmp_path / "fp16", progress_bar=False)
     rows = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
@@ -56,7 +56,7 @@ def test_float16_with_grad_scaler_stays_finite(corpus, tmp_path):
     assert row["val_loss"] == row["val_loss"]
 
 
-def test_checkpoints_keep_last_and_epoch_ends(tmp_path):
+def test_checkpoints_keep_last_and_epoch_ends(tmp_path, make_corpus, tiny_tables):
     small = make_corpus(tmp_path / "small", sentences=80)
     tables = tiny_tables(small, max_steps=12, batch_size=16, checkpoint_every=3, keep_last=2)
     run = tmp_path / "run"
@@ -87,7 +87,7 @@ def test_schedules_warm_up_and_decay_to_the_floor():
         lr_multiplier(TrainConfig(schedule="linear", warmup_steps=0), 1, 0.5)
 
 
-def test_time_budget_ends_the_run_with_the_schedule_finished(corpus, tmp_path, monkeypatch):
+def test_time_budget_ends_the_run_with_the_schedule_finished(corpus, tmp_path, monkeypatch, tiny_tables):
     # A fake clock (each reading is 50 ms later) keeps this independent of machine load.
     import time
 
@@ -106,7 +106,7 @@ def test_time_budget_ends_the_run_with_the_schedule_finished(corpus, tmp_path, m
 def test_precision_auto_is_float32_on_cpu_and_mfu_needs_a_known_peak():
     import torch
 
-    from gtransformer.train import PEAK_FLOPS, device_peak_flops
+    from gtransformer.runtime import PEAK_FLOPS, device_peak_flops
 
     assert device_peak_flops(torch.device("cpu")) is None  # so MFU is left out of metrics on CPU
     assert PEAK_FLOPS["H100"] == 790e12 and PEAK_FLOPS["T4"] == 65e12
@@ -116,7 +116,7 @@ def test_precision_auto_is_float32_on_cpu_and_mfu_needs_a_known_peak():
         resolve_precision("float8", torch.device("cpu"))
 
 
-def test_cli_user_errors(corpus, tmp_path, capsys):
+def test_cli_user_errors(corpus, tmp_path, capsys, tiny_tables):
     config = tmp_path / "c.toml"
     from gtransformer.config import to_toml
 
@@ -135,7 +135,7 @@ def test_cli_user_errors(corpus, tmp_path, capsys):
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
                     reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_training_on_cpu_follows_the_eager_losses(corpus, tmp_path):
+def test_compiled_training_on_cpu_follows_the_eager_losses(corpus, tmp_path, tiny_tables):
     # bfloat16 autocast: the compiled MoE takes the grouped_mm path (the one the benchmark measures).
     tables = tiny_tables(corpus, max_steps=3, eval_every=0, precision="bfloat16")
     train(tables, tmp_path / "eager", progress_bar=False)
@@ -146,7 +146,7 @@ def test_compiled_training_on_cpu_follows_the_eager_losses(corpus, tmp_path):
     # Same math; fused kernels round bfloat16 differently, hence not bit-identical.
     assert [loss for _, loss in compiled] == pytest.approx([loss for _, loss in eager], abs=0.02)
     # The checkpoint holds the plain module's names (no "_orig_mod."), loadable without torch.compile.
-    from gtransformer.checkpoint import load_for_inference
+    from gtransformer.training.checkpoint import load_for_inference
 
     model, _, _ = load_for_inference(tmp_path / "compiled", device="cpu")
     assert all("_orig_mod" not in name for name in model.state_dict())

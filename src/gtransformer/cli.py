@@ -1,7 +1,11 @@
 """The `gtransformer` command line: one entry point, one subcommand per stage.
 
-Each stage module exposes ``register(subparsers)``, which adds its parser and
-sets ``func`` (called with the parsed args, returns an exit code or None).
+Each module of `gtransformer.commands` exposes ``register(subparsers)``, which
+adds its parser and sets ``func`` (called with the parsed args, returns an exit
+code or None). The command modules are imported here, by name, so that a
+library module never imports the CLI. This module owns the logging setup: a
+command whose stdout carries its output (`generate`) sets ``quiet_logging`` and
+gets warnings only unless ``-v``.
 User mistakes surface as UserError and end as one line on stderr, exit code 2.
 """
 
@@ -17,13 +21,13 @@ from gtransformer.errors import UserError
 
 # In pipeline order: the order `gtransformer --help` lists them.
 COMMAND_MODULES = [
-    "gtransformer.download",  # download
-    "gtransformer.prepare",  # prepare
-    "gtransformer.train",  # train
-    "gtransformer.evaluate",  # eval
-    "gtransformer.generate",  # generate
-    "gtransformer.report",  # report
-    "gtransformer.hf",  # export
+    "gtransformer.commands.download",
+    "gtransformer.commands.prepare",
+    "gtransformer.commands.train",
+    "gtransformer.commands.eval",
+    "gtransformer.commands.generate",
+    "gtransformer.commands.report",
+    "gtransformer.commands.export",
 ]
 
 
@@ -45,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = getattr(args, "quiet_logging", False)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -12,10 +12,8 @@ of its own chunk only (the standard non-overlapping evaluation).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,50 +117,3 @@ def evaluate_split(
         targets = np.asarray(tokens[1 : 1 + result["targets"]]).astype(np.int64)
         num_bytes = int(byte_lengths[targets].sum())
     return summarise(result["nll"], result["targets"], num_bytes, result["seconds"])
-
-
-# --- command -------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="loss, perplexity and bits per byte of a trained model on val or test",
-        description="Evaluate a run (newest checkpoint) or a checkpoint folder; prints JSON.",
-    )
-    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (train --out) or checkpoints/step-* folder")
-    parser.add_argument("--split", choices=["val", "test"], default="val", help="which held-out split (default val)")
-    parser.add_argument("--data", help="prepared corpus folder (default: the one the run was trained on)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    parser.add_argument("--max-tokens", type=int, help="evaluate only the first N predictions (default: whole split)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default auto)")
-    parser.set_defaults(func=run_eval)
-
-
-def run_eval(args) -> int:
-    from gtransformer.checkpoint import load_for_inference
-    from gtransformer.shards import read_shard
-    from gtransformer.train import pick_device
-
-    device = pick_device(args.device)
-    model, tokenizer, meta = load_for_inference(args.run, device=device)
-    data_dir = Path(args.data) if args.data else Path(meta.get("config", {}).get("data", {}).get("path", ""))
-    shard = data_dir / f"{args.split}.bin"
-    if not shard.is_file():
-        raise UserError(f"{shard} not found; pass --data with the prepared corpus folder (the one given to train --data)")
-    split_bytes = None
-    stats_path = data_dir / "stats.json"
-    if stats_path.is_file():
-        split_bytes = json.loads(stats_path.read_text(encoding="utf-8")).get("splits", {}).get(args.split, {}).get("bytes")
-    result = evaluate_split(
-        model,
-        read_shard(shard),
-        model.config.context_length,
-        token_byte_lengths(tokenizer),
-        split_bytes=split_bytes,
-        max_targets=args.max_tokens,
-        batch_size=args.batch_size,
-        device=device,
-    )
-    print(json.dumps({"checkpoint": meta["checkpoint"], "step": meta.get("step"), "split": args.split, **result}, indent=2))
-    return 0

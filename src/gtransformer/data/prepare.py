@@ -9,21 +9,25 @@ manifest.json. Each book in a shard is preceded by `<|endoftext|>`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import logging
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+try:
+    import resource  # POSIX; Windows measures this process only (time.process_time)
+except ImportError:
+    resource = None
+
+from gtransformer.data.clean import clean_book, word_count
+from gtransformer.data.corpus import SPLITS, PreparedCorpus
+from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.errors import UserError
-from gtransformer.files import write_json_atomic
-
-log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -65,8 +69,6 @@ def load_raw_books(raw: str | Path) -> list[Book]:
 
 
 def _clean_one(job: tuple[str, int]) -> tuple[str, dict]:
-    from gtransformer.clean import clean_book
-
     path, min_words = job
     cleaned = clean_book(Path(path).read_bytes(), min_words=min_words)
     info = {
@@ -85,8 +87,6 @@ def clean_books(books: list[Book], min_words: int = 5, workers: int = 1) -> list
     order = sorted(books, key=lambda b: -b.path.stat().st_size)
     jobs = [(str(b.path), min_words) for b in order]
     if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-
         with multiprocessing.get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
             results = pool.map(_clean_one, jobs, chunksize=1)
     else:
@@ -186,18 +186,13 @@ def tokenizer_sample(books: list[Book], max_mb: float | None, salt: str = "gtran
     return sample
 
 
-def write_split_shards(books: list[Book], tokenizer, out: Path, batch_books: int = 32) -> dict:
-    """Encode each split into `{split}.bin` (eot before every book); return per-split counts."""
-    import numpy as np
-
-    from gtransformer.clean import word_count
-    from gtransformer.shards import ShardWriter
-
+def write_split_shards(books: list[Book], tokenizer, corpus: PreparedCorpus, batch_books: int = 32) -> dict:
+    """Encode each split into the corpus's shard (eot before every book); return per-split counts."""
     stats = {}
     for split in SPLITS:
         members = sorted((b for b in books if b.split == split), key=lambda b: b.id)
         tokens = byte_count = words = 0
-        with ShardWriter(out / f"{split}.bin", tokenizer.vocab_size) as writer:
+        with corpus.shard_writer(split, tokenizer.vocab_size) as writer:
             for start in range(0, len(members), batch_books):
                 batch = members[start : start + batch_books]
                 encoded = tokenizer.encode_batch([b.text for b in batch])
@@ -231,10 +226,8 @@ def prepare(
     min_portuguese: float = 0.5,
     tokenizer_sample_mb: float | None = 48,
 ) -> dict:
-    """Run every step; writes OUT/{train,val,test}.bin, tokenizer.json, stats.json, manifest.json."""
-    from gtransformer.tokenizer import Tokenizer
-
-    out = Path(out)
+    """Run every step and write the prepared corpus (`PreparedCorpus`) in `out`."""
+    corpus = PreparedCorpus(out)
     workers = workers or min(2, os.cpu_count() or 1)
     timings = {}
     clock, cpu_clock = time.perf_counter(), _cpu_seconds()
@@ -257,12 +250,12 @@ def prepare(
     kept = [b for b in books if b.dropped is None]
     if not any(b.split == "train" for b in kept):
         raise UserError(f"no book left for the train split out of {len(books)}; check --raw, --split and the dropped reasons")
-    out.mkdir(parents=True, exist_ok=True)
+    corpus.path.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
         tokenizer = Tokenizer.train_bpe(tokenizer_sample(kept, tokenizer_sample_mb, salt), vocab_size=vocab_size)
         lap("tokenizer_train_s")
-    tokenizer.save(out / "tokenizer.json")
-    split_stats = write_split_shards(books, tokenizer, out)
+    corpus.write_tokenizer(tokenizer)
+    split_stats = write_split_shards(books, tokenizer, corpus)
     lap("encode_s")
 
     val = split_stats["val"]
@@ -293,87 +286,14 @@ def prepare(
             for b in books
         }
     }
-    write_json_atomic(out / "manifest.json", manifest, indent=2)
-    write_json_atomic(out / "stats.json", stats, indent=2)
+    corpus.write_manifest(manifest)
+    corpus.write_stats(stats)
     return stats
 
 
 def _cpu_seconds() -> float:
     """User+sys CPU of this process and its finished children (the cleaning pool)."""
-    try:
-        import resource
-    except ImportError:  # Windows
+    if resource is None:
         return time.process_time()
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-# ----------------------------------------------------------------------------------------
-# CLI
-
-
-def parse_split(text: str) -> tuple[float, float, float]:
-    """'90/5/5', '0.9,0.05,0.05' or '90 5 5' -> fractions summing to 1."""
-    try:
-        parts = [float(p) for p in text.replace("/", " ").replace(",", " ").split()]
-    except ValueError:
-        parts = []
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0 or parts[0] <= 0:
-        raise argparse.ArgumentTypeError(f"--split {text!r}: expected three non-negative ratios with train > 0, e.g. 90/5/5")
-    total = sum(parts)
-    return tuple(p / total for p in parts)
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "prepare",
-        help="clean, filter, split and tokenise downloaded books into training shards",
-        description="Decode and clean every book in RAW, drop non-Portuguese and duplicate books, split by book id, "
-        "train a byte-level BPE tokenizer on the train split (or use a tiktoken encoding) and write "
-        "OUT/{train,val,test}.bin, tokenizer.json, stats.json and manifest.json.",
-    )
-    parser.add_argument("--raw", default="data/raw", help="folder written by `gtransformer download` (default data/raw)")
-    parser.add_argument("--out", default="data/prepared", help="output folder (default data/prepared)")
-    parser.add_argument("--vocab-size", type=int, default=32768, help="BPE vocabulary size incl. <|endoftext|> (default 32768)")
-    parser.add_argument("--min-words", type=int, default=5,
-                        help="drop paragraphs with fewer words, except dialogue lines and short sentences (default 5)")
-    parser.add_argument("--split", type=parse_split, default=(0.9, 0.05, 0.05),
-                        help="train/val/test ratios by book, e.g. 90/5/5 (default)")
-    parser.add_argument("--seed", default="gtransformer", help="salt of the book-id hash that picks splits (default gtransformer)")
-    parser.add_argument("--tiktoken", metavar="ENCODING",
-                        help="use this tiktoken encoding (e.g. o200k_base) instead of training BPE; must be available offline")
-    parser.add_argument("--min-portuguese", type=float, default=0.5,
-                        help="drop books with a smaller share of words in Portuguese passages (default 0.5)")
-    parser.add_argument("--tokenizer-sample-mb", type=float, default=48,
-                        help="train BPE on about this many MB of the train split, in hashed ~16 KB blocks of every book "
-                        "(default 48: val bytes/token within ~0.15%% of using all of it, in under half the time); "
-                        "0 uses the whole train split")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="processes for cleaning (default min(2, CPUs))")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.min_words < 0:
-        raise UserError(f"--min-words {args.min_words} must not be negative")
-    if args.workers < 1:
-        raise UserError(f"--workers {args.workers} must be at least 1")
-    if args.tokenizer_sample_mb < 0:
-        raise UserError(f"--tokenizer-sample-mb {args.tokenizer_sample_mb} must not be negative (0 uses the whole train split)")
-    if not 0 <= args.min_portuguese <= 1:
-        raise UserError(f"--min-portuguese {args.min_portuguese} must lie between 0 and 1")
-    started = time.perf_counter()
-    stats = prepare(
-        args.raw, args.out, vocab_size=args.vocab_size, min_words=args.min_words, ratios=args.split,
-        salt=args.seed, tiktoken_encoding=args.tiktoken, workers=args.workers, min_portuguese=args.min_portuguese,
-        tokenizer_sample_mb=args.tokenizer_sample_mb,
-    )
-    books = stats["books"]
-    print(f"prepare: {books['kept']} of {books['raw']} books kept, {books['dropped']} dropped ({time.perf_counter() - started:.1f}s)")
-    for split, s in stats["splits"].items():
-        print(f"  {split:5s} {s['books']:4d} books {s['bytes'] / 1e6:8.2f} MB {s['tokens']:>11,d} tokens")
-    print(f"  val: {stats['val']['tokens_per_word']} tokens/word, {stats['val']['bytes_per_token']} bytes/token")
-    for book_id, reason in stats["dropped"].items():
-        print(f"  dropped {book_id}: {reason}")
-    print(f"wrote {args.out}/{{train,val,test}}.bin, tokenizer.json, stats.json, manifest.json")
-    return 0

@@ -69,7 +69,7 @@ class WindowLoader:
             raise UserError(
                 f"the training split has {len(tokens)} tokens, {self.num_windows} windows of "
                 f"{self.window}, fewer than one batch of {global_batch_size}; "
-                "use more books, a smaller train.batch_size or a smaller model.context"
+                "use more books, a smaller train.batch_size or a smaller model.context_length"
             )
         self.position = position or DataPosition()
         self._order_epoch = -1

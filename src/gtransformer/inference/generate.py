@@ -11,12 +11,8 @@ are masked, so a batched row produces the same logits as that prompt alone.
 
 from __future__ import annotations
 
-import argparse
 import codecs
-import contextlib
-import logging
 import secrets
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from gtransformer.errors import UserError
-from gtransformer.moe import select_experts
+from gtransformer.inference.compiled_decode import CompiledDecoder, cached_for_weights
+from gtransformer.model.model import GPT, KVCache
+from gtransformer.model.moe import select_experts
+from gtransformer.runtime import intra_op_threads
 
 
 # "int8": int8 weights with a bfloat16 scale per output channel, bfloat16 matmul inputs (weight-only quantisation).
@@ -113,20 +112,6 @@ def sample_next(
 SINGLE_THREAD_MAX_BATCH = 4
 # Prefills of up to this many tokens (batch x prompt) run on one thread as well.
 SINGLE_THREAD_MAX_PREFILL = 256
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int | None):
-    """Temporarily run torch CPU ops on n threads (None: leave the setting alone)."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _right_operand(weight: torch.Tensor, dtype: torch.dtype, input_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,33 +246,12 @@ class DecodeWeights:
         return cached_for_weights(model, "_decode_weights", dtype, lambda: cls(model, dtype), keep)
 
 
-def cached_for_weights(model, attribute: str, dtype, build, keep: bool = True):
-    """build() cached on the model under `attribute`, rebuilt only when a weight (or dtype) changed.
-
-    The key changes whenever a weight is replaced or modified in place (an optimizer step bumps
-    `_version`). keep=False returns a matching cached value but keeps nothing on the model.
-    """
-    tensors = [*model.parameters(), *model.buffers()]
-    signature = (dtype, *((t.data_ptr(), t._version) for t in tensors))
-    cached = model.__dict__.get(attribute)
-    if not keep or cached is None or cached[0] != signature:
-        model.__dict__.pop(attribute, None)  # free the old copies before building new ones
-    if cached is not None and cached[0] == signature:
-        return cached[1]
-    value = build()
-    if keep:
-        model.__dict__[attribute] = (signature, value)
-    return value
-
-
 # Decoding steps of up to this many rows take `Decoder`: it runs each row through its experts one by
 # one, which beats the grouped GEMMs of the model's forward only while rows are few.
 FAST_DECODE_MAX_BATCH = 4
 
 
 def supports_fast_decode(model, batch: int) -> bool:
-    from gtransformer.model import GPT
-
     # The fast step reads the chosen experts on the host, free on CPU but a sync per layer on CUDA,
     # so CUDA decodes through the model's own forward.
     on_cpu = isinstance(model, GPT) and model.embed_tokens.weight.device.type == "cpu"
@@ -399,8 +363,6 @@ def iter_tokens(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfi
     or after `max_new_tokens`; the iterator ends when every row has stopped.
     """
     sampling.validate()
-    from gtransformer.model import KVCache
-
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token; pass some text or start from the end-of-text token")
     config = model.config
@@ -447,8 +409,6 @@ def iter_tokens(model, prompts: Sequence[Sequence[int]], sampling: SamplingConfi
         next_positions = torch.tensor(lengths, device=device)[:, None] if ragged else None
         decoder = compiled = None
         if sampling.compile:
-            from gtransformer.compiled_decode import CompiledDecoder
-
             compiled = CompiledDecoder.for_model(model, DECODE_DTYPES[sampling.dtype])
         elif supports_fast_decode(model, batch):
             weights = DecodeWeights.for_model(model, DECODE_DTYPES[sampling.dtype], keep=not was_training)
@@ -531,7 +491,7 @@ class TextStream:
         return text[: len(text) - keep]
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.encode(prompt)
     return ids if ids else [tokenizer.eot_id]
 
@@ -550,7 +510,7 @@ def stream(model, tokenizer, prompt: str, sampling: SamplingConfig) -> Iterator[
     """
     sampling = _with_default_stops(tokenizer, sampling)
     text = TextStream(tokenizer, sampling.stop_strings)
-    for (token,) in iter_tokens(model, [_prompt_ids(tokenizer, prompt)], sampling):
+    for (token,) in iter_tokens(model, [prompt_ids(tokenizer, prompt)], sampling):
         if token < 0:
             break
         piece = text.feed(token)
@@ -568,104 +528,10 @@ def generate_text(model, tokenizer, prompts: Sequence[str], sampling: SamplingCo
     sampling = _with_default_stops(tokenizer, sampling)
     streams = [TextStream(tokenizer, sampling.stop_strings) for _ in prompts]
     pieces: list[list[str]] = [[] for _ in prompts]
-    for ids in iter_tokens(model, [_prompt_ids(tokenizer, p) for p in prompts], sampling):
+    for ids in iter_tokens(model, [prompt_ids(tokenizer, p) for p in prompts], sampling):
         for row, token in enumerate(ids):
             if token >= 0:
                 pieces[row].append(streams[row].feed(token))
         if all(s.stopped or t < 0 for s, t in zip(streams, ids)):
             break
     return ["".join(p) + s.finish() for p, s in zip(pieces, streams)]
-
-
-# ---- the `generate` command ---------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "generate",
-        help="generate Portuguese text from a trained model",
-        description="Continue a prompt with a trained model (KV cache, streaming output).",
-    )
-    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (newest checkpoint) or a checkpoint folder")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead of --prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = all (default 50)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold, 1 = off (default 0.95)")
-    parser.add_argument(
-        "--repetition-penalty", type=float, default=1.1, help="penalise tokens already present, 1 = off (default 1.1)"
-    )
-    parser.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
-    parser.add_argument("--seed", type=int, help="random seed; the same seed gives the same text")
-    parser.add_argument("--num-samples", type=int, default=1, help="independent continuations, generated as a batch")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default auto)")
-    parser.add_argument(
-        "--decode-dtype", choices=["float32", "float16", "bfloat16", "int8"], default=None,
-        help="CPU decoding weights in this dtype: float16 reads half the bytes per token, int8 (per-channel "
-        "weight-only quantisation) a quarter; faster, with approximate logits. Default: the model's dtype",
-    )
-    parser.add_argument(
-        "--compile", action="store_true",
-        help="decode with a torch.compile'd step after a one-off compile of 15-25 s (needs a C++ compiler on "
-        "CPU): measured 2.2x the tokens/s of the default decoder for the tiny preset, 1.1x for small, whose "
-        "steps are bound by reading the weights; worth it for long outputs",
-    )
-    parser.add_argument("--no-stream", action="store_true", help="print the text once finished instead of streaming")
-    parser.set_defaults(func=run_generate)
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from gtransformer.checkpoint import load_for_inference
-    from gtransformer.train import pick_device
-
-    prompt = args.prompt
-    if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise UserError(f"--prompt-file {path} not found")
-        try:
-            prompt = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"--prompt-file {path} is not UTF-8 text; save it as UTF-8") from None
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples {args.num_samples} must be >= 1")
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop_strings=tuple(args.stop),
-        seed=args.seed,
-        dtype=args.decode_dtype,
-        compile=args.compile,
-    )
-    sampling.validate()
-    if not getattr(args, "verbose", False):
-        # Generated text streams to stdout; keep info lines (the expert-path choice) from landing mid-text.
-        logging.getLogger("gtransformer").setLevel(logging.WARNING)
-    model, tokenizer, _ = load_for_inference(args.run, device=pick_device(args.device))
-    prompt_len = len(_prompt_ids(tokenizer, prompt))
-    if prompt_len + sampling.max_new_tokens > model.config.context_length:
-        raise UserError(
-            f"prompt ({prompt_len} tokens) + --max-new-tokens {sampling.max_new_tokens} exceeds the model's "
-            f"context_length ({model.config.context_length}); shorten the prompt or lower --max-new-tokens"
-        )
-    out = sys.stdout
-    if args.num_samples == 1 and not args.no_stream:
-        out.write(prompt)
-        out.flush()
-        for piece in stream(model, tokenizer, prompt, sampling):
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        return 0
-    texts = generate_text(model, tokenizer, [prompt] * args.num_samples, sampling)
-    for i, text in enumerate(texts):
-        if args.num_samples > 1:
-            out.write(f"--- sample {i + 1} ---\n")
-        out.write(prompt + text + "\n")
-    return 0

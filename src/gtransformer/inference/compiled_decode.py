@@ -22,24 +22,12 @@ length), M d_model, E experts, k experts per token, F expert hidden size, V voca
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import torch
 import torch.nn.functional as F
 
 from gtransformer.errors import UserError
-from gtransformer.moe import select_experts
-
-
-def require_cpp_compiler(device: torch.device, fix: str) -> None:
-    """torch.compile on CPU builds C++ with the system compiler: say so up front instead of failing mid-run."""
-    if torch.device(device).type != "cpu":
-        return
-    candidates = [os.environ.get("CXX"), "c++", "g++", "clang++"]
-    if not any(name and shutil.which(name) for name in candidates):
-        raise UserError(f"torch.compile on CPU needs a C++ compiler (g++ or clang++) and none was found; "
-                        f"install one (e.g. apt-get install g++) or {fix}")
+from gtransformer.model.moe import select_experts
+from gtransformer.runtime import require_cpp_compiler
 
 
 def _matvec(weight_OI: torch.Tensor, h_BI: torch.Tensor) -> torch.Tensor:
@@ -208,6 +196,23 @@ class CompiledDecoder:
     @classmethod
     def for_model(cls, model, dtype: torch.dtype | None = None) -> "CompiledDecoder":
         """The model's compiled decoder, rebuilt (and recompiled) only when its weights or dtype changed."""
-        from gtransformer.generate import cached_for_weights
-
         return cached_for_weights(model, "_compiled_decoder", dtype, lambda: cls(model, dtype))
+
+
+def cached_for_weights(model, attribute: str, dtype, build, keep: bool = True):
+    """build() cached on the model under `attribute`, rebuilt only when a weight (or dtype) changed.
+
+    The key changes whenever a weight is replaced or modified in place (an optimizer step bumps
+    `_version`). keep=False returns a matching cached value but keeps nothing on the model.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    signature = (dtype, *((t.data_ptr(), t._version) for t in tensors))
+    cached = model.__dict__.get(attribute)
+    if not keep or cached is None or cached[0] != signature:
+        model.__dict__.pop(attribute, None)  # free the old copies before building new ones
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    value = build()
+    if keep:
+        model.__dict__[attribute] = (signature, value)
+    return value

@@ -10,17 +10,18 @@ both that layout and 5.x's fused one (what `save_pretrained` may write).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from gtransformer.data.tokenizer import EOT, Tokenizer
 from gtransformer.errors import UserError
-
-EOT = "<|endoftext|>"
+from gtransformer.model.config import ModelConfig
+from gtransformer.model.model import GPT, rope_tables
 
 
 def check_exportable(model) -> None:
@@ -137,8 +138,6 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.
     export never leaves half a folder; an existing non-empty folder is only
     replaced with force=True.
     """
-    from safetensors.torch import save_file
-
     check_exportable(model)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
@@ -163,8 +162,6 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder} has no *.safetensors weights; export with safetensors (pytorch_model.bin is not read)")
@@ -176,8 +173,6 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def import_hf(folder: str | Path, device: str | torch.device = "cpu"):
     """Read a Mixtral folder (ours or any compatible one) -> (GPT, Tokenizer or None)."""
-    from gtransformer.model import GPT, ModelConfig
-
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -215,14 +210,10 @@ def import_hf(folder: str | Path, device: str | torch.device = "cpu"):
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # The RoPE tables are not saved (persistent=False): rebuild them on the real device.
-    from gtransformer.model import rope_tables
-
     model.rope_cos, model.rope_sin = rope_tables(config.resolved_head_dim, config.context_length, config.rope_theta)
     model.to(device).eval()
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
-        from gtransformer.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
     return model, tokenizer
 
@@ -262,37 +253,3 @@ def from_mixtral_state_dict(tensors: dict[str, torch.Tensor], config) -> dict[st
         state[f"{dst}.mlp.experts.w2"] = w2.contiguous()
         state[f"{dst}.mlp.experts.w3"] = w3.contiguous()
     return state
-
-
-# ---- the `export` command -----------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export",
-        help="export a trained model to a Hugging Face transformers folder",
-        description="Write a folder that transformers' AutoModelForCausalLM and AutoTokenizer load offline "
-        "(Mixtral architecture).",
-    )
-    parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (newest checkpoint) or a checkpoint folder")
-    parser.add_argument("--format", default="hf", choices=["hf"], help="output format (only hf: Hugging Face Mixtral)")
-    parser.add_argument("--out", required=True, help="folder to write (must not exist or be empty, unless --force)")
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype (default float32)"
-    )
-    parser.add_argument("--force", action="store_true", help="replace --out if it already holds files")
-    parser.set_defaults(func=run_export)
-
-
-def run_export(args: argparse.Namespace) -> int:
-    import logging
-
-    from gtransformer.checkpoint import load_for_inference
-
-    model, tokenizer, meta = load_for_inference(args.run)
-    out = export_hf(model, tokenizer, args.out, dtype=getattr(torch, args.dtype), force=args.force)
-    logging.getLogger(__name__).info(
-        "exported %s to %s; load it with transformers.AutoModelForCausalLM.from_pretrained(%r)",
-        meta.get("checkpoint", args.run), out, str(out),
-    )
-    return 0

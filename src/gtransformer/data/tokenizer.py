@@ -16,7 +16,15 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+try:
+    import tiktoken  # optional: `prepare --tiktoken ENCODING`
+except ImportError:
+    tiktoken = None
 
 from gtransformer.errors import UserError
 
@@ -27,8 +35,6 @@ TIKTOKEN_MARKER = "gtransformer_tokenizer"
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """The inverse of GPT-2's bytes->printable-unicode table used by byte-level BPE."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
     # ByteLevel.alphabet() is unordered; rebuild GPT-2's deterministic table.
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     codes = printable[:]
@@ -39,7 +45,7 @@ def _byte_decoder() -> dict[str, int]:
             codes.append(256 + extra)
             extra += 1
     table = {chr(code): byte for byte, code in zip(printable, codes)}
-    assert set(table) == set(ByteLevel.alphabet())
+    assert set(table) == set(pre_tokenizers.ByteLevel.alphabet())
     return table
 
 
@@ -86,9 +92,6 @@ class Tokenizer:
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int = 32768, min_frequency: int = 2) -> "Tokenizer":
         """Train byte-level BPE on `texts` (an iterable of documents) with `<|endoftext|>` as id 0."""
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
-
         if vocab_size < 257:
             raise UserError(f"--vocab-size {vocab_size} is too small; byte-level BPE needs at least 257 (256 bytes + {EOT})")
         backend = HFTokenizer(models.BPE())
@@ -107,12 +110,10 @@ class Tokenizer:
 
     @classmethod
     def from_tiktoken(cls, encoding_name: str) -> "Tokenizer":
-        try:
-            import tiktoken
-        except ImportError:
+        if tiktoken is None:
             raise UserError(
                 f"--tiktoken {encoding_name} needs the tiktoken package; `pip install tiktoken` or drop --tiktoken"
-            ) from None
+            )
         try:
             encoding = tiktoken.get_encoding(encoding_name)
         except ValueError as exc:
@@ -141,8 +142,6 @@ class Tokenizer:
             raise UserError(f"{path} is not a tokenizer JSON file ({exc}); rerun `gtransformer prepare`") from None
         if isinstance(data, dict) and data.get(TIKTOKEN_MARKER) == "tiktoken":
             return cls.from_tiktoken(data["encoding"])
-        from tokenizers import Tokenizer as HFTokenizer
-
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as exc:
@@ -207,19 +206,6 @@ class Tokenizer:
         piece = self._backend.id_to_token(token_id)
         table = _byte_decoder()
         return bytes(table[ch] for ch in piece)
-
-    def iter_decode(self, ids: Iterable[int]) -> Iterator[str]:
-        """Decode a token stream incrementally, yielding text only once its UTF-8 bytes are complete."""
-        import codecs
-
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token_id in ids:
-            text = decoder.decode(self.token_bytes(token_id))
-            if text:
-                yield text
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
 
     def __len__(self) -> int:
         return self.vocab_size

@@ -26,9 +26,45 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
+from gtransformer.config import from_dict, to_toml
+from gtransformer.data.corpus import PreparedCorpus
+from gtransformer.data.tokenizer import Tokenizer
+from gtransformer.data.windows import WindowLoader
+from gtransformer.data.shards import read_shard
 from gtransformer.errors import UserError
 from gtransformer.files import write_text_atomic
+from gtransformer.inference.generate import SamplingConfig, generate_text
+from gtransformer.model.config import ModelConfig
+from gtransformer.model.model import GPT
+from gtransformer.runtime import (
+    Distributed,
+    autocast_context,
+    device_peak_flops,
+    init_distributed,
+    memory_stats,
+    require_cpp_compiler,
+    resolve_precision,
+)
+from gtransformer.training.checkpoint import (
+    load_model_state,
+    load_train_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from gtransformer.training.evaluate import evaluate_split, token_byte_lengths
+from gtransformer.training.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -74,68 +110,6 @@ class TrainConfig:
     tensorboard: bool = True  # when the tensorboard package is installed
     wandb: bool = False  # when also WANDB_API_KEY is set
     wandb_project: str = "gtransformer"
-
-
-# --- device, precision ------------------------------------------------------------------
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"--device {requested!r} is not a device; use cpu, cuda, cuda:0, mps or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"train.precision = {requested!r}; use auto, float32, bfloat16 or float16")
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        # T4 and P100 (Kaggle, Colab) have no bfloat16: float16 with a gradient scaler instead.
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, precision))
-
-
-# Dense half-precision peak FLOP/s per device. H100 uses the measured ~790 TFLOP/s
-# (the 989 TFLOP/s spec is not reachable by matmuls); others are spec sheet numbers.
-PEAK_FLOPS = {
-    "H200": 790e12,
-    "H100": 790e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "A10G": 70e12,
-    "V100": 125e12,
-    "T4": 65e12,
-    "P100": 18.7e12,
-}
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    """Peak FLOP/s of one device, or None where unknown (CPU): then MFU is omitted."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
 # --- optimizer and schedule -------------------------------------------------------------
@@ -187,50 +161,10 @@ def lr_multiplier(config: TrainConfig, step: int, progress: float) -> float:
     raise UserError(f"train.schedule = {config.schedule!r}; use cosine, wsd or constant")
 
 
-# --- distributed ------------------------------------------------------------------------
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    enabled: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_request: str) -> tuple[Distributed, torch.device]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_request)
-    if world_size <= 1:
-        return Distributed(), device
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), enabled=True), device
-
-
-def all_reduce_mean(value: torch.Tensor, dist_info: Distributed) -> torch.Tensor:
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist_info.world_size
-    return value
-
-
 def sync_router_loads(model: torch.nn.Module, dist_info: Distributed) -> None:
     """Sum the per-expert loads over ranks so every rank moves its router biases identically."""
     if not dist_info.enabled:
         return
-    import torch.distributed as dist
-
     for name, buffer in model.named_buffers():
         if name.endswith("load_since_update"):
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
@@ -242,9 +176,9 @@ def sync_router_loads(model: torch.nn.Module, dist_info: Distributed) -> None:
 class MetricsLogger:
     """metrics.jsonl always; TensorBoard and Weights & Biases when available and enabled."""
 
-    def __init__(self, run_dir: Path, config: TrainConfig, tables: dict[str, Any], enabled: bool):
+    def __init__(self, run: RunDir, config: TrainConfig, tables: dict[str, Any], enabled: bool):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.run = run
         self.tensorboard = None
         self.wandb = None
         if not enabled:
@@ -253,7 +187,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tensorboard = SummaryWriter(str(run.tensorboard_dir))
             except ImportError:
                 pass
         if config.wandb:
@@ -261,17 +195,16 @@ class MetricsLogger:
                 log.warning("train.wandb is true but WANDB_API_KEY is not set; logging to metrics.jsonl only")
             else:
                 try:
-                    import wandb
+                    import wandb  # optional, heavy: imported only when train.wandb asks for it
 
-                    self.wandb = wandb.init(project=config.wandb_project, name=run_dir.name, config=tables, resume="allow")
+                    self.wandb = wandb.init(project=config.wandb_project, name=run.path.name, config=tables, resume="allow")
                 except ImportError:
                     log.warning("train.wandb is true but wandb is not installed (pip install wandb)")
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        self.run.append_metrics(row)
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "kind")}
         prefix = row.get("kind", "train")
         if self.tensorboard is not None:
@@ -285,33 +218,6 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def truncate_jsonl(path: Path, after_step: int) -> None:
-    """Drop rows logged after `after_step` (work after the checkpoint a run resumes from is redone)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= after_step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def memory_stats(device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {"memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
-    # Peak resident memory of this process (VmHWM; ru_maxrss can carry a parent's peak over fork/exec).
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return {"memory_gb": int(line.split()[1]) * 1024 / 1e9}
-    except OSError:
-        pass
-    return {}
 
 
 def summarise_moe_stats(stats: Any) -> dict[str, Any]:
@@ -342,8 +248,6 @@ def summarise_moe_stats(stats: Any) -> dict[str, Any]:
 
 def generate_samples(model: torch.nn.Module, tokenizer, config: TrainConfig, context: int) -> list[dict[str, str]]:
     """Continue each prompt with its own fixed seed (its own generator: the run's RNG is untouched)."""
-    from gtransformer.generate import SamplingConfig, generate_text
-
     samples = []
     for index, prompt in enumerate(config.sample_prompts):
         room = context - max(len(tokenizer.encode(prompt)), 1)
@@ -370,33 +274,6 @@ class RunState:
     elapsed_s: float = 0.0  # training wall time before this session (for --max-minutes across resumes)
 
 
-def resolve_tables(args) -> dict[str, dict[str, Any]]:
-    """[model], [train], [data] from --config (or the run folder on --resume) plus --set and flags."""
-    from gtransformer.config import apply_overrides, load_toml
-
-    out = Path(args.out)
-    if args.resume and (out / "config.toml").is_file():
-        tables = load_toml(out / "config.toml")
-    elif args.config:
-        tables = load_toml(args.config)
-    else:
-        raise UserError("pass --config configs/<preset>.toml (or --resume with an existing run folder)")
-    tables = {k: dict(v) if isinstance(v, dict) else v for k, v in tables.items()}
-    apply_overrides(tables, args.set or [])
-    tables.setdefault("model", {})
-    tables.setdefault("train", {})
-    tables.setdefault("data", {})
-    if args.max_steps is not None:
-        tables["train"]["max_steps"] = args.max_steps
-    if args.max_minutes is not None:
-        tables["train"]["max_minutes"] = float(args.max_minutes)
-    if args.data:
-        tables["data"]["path"] = str(Path(args.data).resolve())
-    if not tables["data"].get("path"):
-        raise UserError("pass --data with a prepared corpus folder (from `gtransformer prepare --out DIR`)")
-    return tables
-
-
 def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool = False, device: str = "auto",
           stop_at_step: int | None = None, progress_bar: bool = True) -> dict[str, Any]:
     """Train (or continue) the run in `out_dir`; returns the final metrics row.
@@ -404,39 +281,17 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
     `stop_at_step` ends this session early (with a checkpoint) without changing
     the schedule, for time-limited sessions that continue later with `resume`.
     """
-    from gtransformer.checkpoint import (
-        latest_checkpoint,
-        load_model_state,
-        load_train_state,
-        read_meta,
-        rng_state,
-        save_checkpoint,
-        set_rng_state,
-    )
-    from gtransformer.config import from_dict, to_toml
-    from gtransformer.data import WindowLoader
-    from gtransformer.evaluate import evaluate_split, token_byte_lengths
-    from gtransformer.model import GPT, ModelConfig
-    from gtransformer.shards import read_shard
-    from gtransformer.tokenizer import Tokenizer
-
-    out_dir = Path(out_dir)
-    data_dir = Path(tables["data"]["path"])
-    for name in ("train.bin", "val.bin", "tokenizer.json"):
-        if not (data_dir / name).is_file():
-            raise UserError(f"{data_dir / name} not found; run `gtransformer prepare --out {data_dir}` first")
+    run = RunDir(out_dir)
+    corpus = PreparedCorpus(tables["data"]["path"]).require("train", "val")
     model_config = from_dict(ModelConfig, dict(tables["model"]), "model")
     config = from_dict(TrainConfig, dict(tables["train"]), "train")
-    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
+    tokenizer = corpus.tokenizer()
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size = {model_config.vocab_size}; "
             f"add --set model.vocab_size={tokenizer.vocab_size}"
         )
-    stats_path = data_dir / "stats.json"
-    split_stats = json.loads(stats_path.read_text(encoding="utf-8")).get("splits", {}) if stats_path.is_file() else {}
-
-    checkpoint = latest_checkpoint(out_dir)
+    checkpoint = run.latest_checkpoint()
     if checkpoint is not None and not resume:
         raise UserError(f"{out_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
     if resume and checkpoint is None:
@@ -446,20 +301,14 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
     precision = resolve_precision(config.precision, device)
     autocast = autocast_context(device, precision)
     if config.compile:
-        from gtransformer.compiled_decode import require_cpp_compiler
-
         require_cpp_compiler(device, "set train.compile = false")
 
     if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(
-            to_toml({"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config), "data": tables["data"]}),
-            encoding="utf-8",
-        )
-        shutil.copyfile(data_dir / "tokenizer.json", out_dir / "tokenizer.json")
+        run.write_config({"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config),
+                          "data": tables["data"]})
+        shutil.copyfile(corpus.tokenizer_path, run.tokenizer_path)
         if checkpoint is None:  # rows of an earlier attempt that never reached a checkpoint would be redone
-            truncate_jsonl(out_dir / "metrics.jsonl", 0)
-            truncate_jsonl(out_dir / "samples.jsonl", 0)
+            run.truncate_logs(0)
 
     torch.manual_seed(config.seed)
     model = GPT(model_config).to(device)
@@ -467,7 +316,7 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16")
     micro_batch = config.micro_batch_size or max(config.batch_size // dist_info.world_size, 1)
     loader = WindowLoader(
-        read_shard(data_dir / "train.bin"),
+        corpus.tokens("train"),
         model_config.context_length,
         config.batch_size,
         micro_batch,
@@ -475,7 +324,7 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
         rank=dist_info.rank,
         world_size=dist_info.world_size,
     )
-    val_tokens = read_shard(data_dir / "val.bin")
+    val_tokens = corpus.tokens("val")
     byte_lengths = token_byte_lengths(tokenizer)
     state = RunState()
 
@@ -489,26 +338,19 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
         state = RunState(**saved["run"])
         set_rng_state(saved["rng"])
         if dist_info.is_main:
-            truncate_jsonl(out_dir / "metrics.jsonl", state.step)
-            truncate_jsonl(out_dir / "samples.jsonl", state.step)
-        log.info("resumed from %s (step %d, epoch %d)", checkpoint, state.step, read_meta(checkpoint).get("epoch", 0))
+            run.truncate_logs(state.step)
+        log.info("resumed from %s (step %d, epoch %d)", checkpoint, state.step, checkpoint.read_meta().get("epoch", 0))
 
     raw_model = model
     if dist_info.enabled and config.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
         for block in raw_model.layers:
             fully_shard(block)
         fully_shard(raw_model)
         optimizer = build_optimizer(raw_model, config, device)  # over the sharded parameters
         if resume and checkpoint is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
             set_optimizer_state_dict(raw_model, optimizer, saved["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
     elif dist_info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
         # Buffers are not broadcast: router biases stay equal through identical updates, and
         # broadcasting would overwrite each rank's own expert-load counts.
         model = DistributedDataParallel(
@@ -524,7 +366,7 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
     tokens_per_step = config.batch_size * model_config.context_length
     peak = device_peak_flops(device)
     flops_per_token = raw_model.flops_per_token() if hasattr(raw_model, "flops_per_token") else None
-    metrics = MetricsLogger(out_dir, config, tables, enabled=dist_info.is_main)
+    metrics = MetricsLogger(run, config, tables, enabled=dist_info.is_main)
 
     def progress_fraction(elapsed: float) -> float:
         parts = []
@@ -539,15 +381,11 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
 
     def model_state() -> dict[str, torch.Tensor]:
         if dist_info.enabled and config.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
             return get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return raw_model.state_dict()
 
     def optimizer_state() -> dict[str, Any]:
         if dist_info.enabled and config.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
             return get_optimizer_state_dict(raw_model, optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return optimizer.state_dict()
@@ -569,7 +407,7 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
             "keep": epoch_end,
             "config": {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config), "data": tables["data"]},
         }
-        path = save_checkpoint(out_dir, state.step, weights, train_state, meta, keep_last=config.keep_last)
+        path = save_checkpoint(run, state.step, weights, train_state, meta, keep_last=config.keep_last)
         log.info("saved %s", path)
 
     def evaluate_and_sample(elapsed: float) -> dict[str, Any]:
@@ -579,7 +417,7 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
             val_tokens,
             model_config.context_length,
             byte_lengths,
-            split_bytes=split_stats.get("val", {}).get("bytes"),
+            split_bytes=corpus.split_bytes("val"),
             max_targets=config.eval_tokens or None,
             batch_size=config.eval_batch_size,
             device=device,
@@ -591,9 +429,7 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
         if config.sample_prompts and not config.fsdp:
             samples = generate_samples(raw_model, tokenizer, config, model_config.context_length)
             if dist_info.is_main:
-                with (out_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
-                    for sample in samples:
-                        f.write(json.dumps({"step": state.step, "tokens": state.tokens_seen, **sample}, ensure_ascii=False) + "\n")
+                run.append_samples([{"step": state.step, "tokens": state.tokens_seen, **s} for s in samples])
                 for sample in samples:
                     log.info("sample @%d | %s", state.step, (sample["prompt"] + sample["text"]).replace("\n", " ⏎ "))
         if dist_info.is_main:
@@ -608,8 +444,6 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
         )
     bar = None
     if dist_info.is_main and progress_bar:
-        from tqdm import tqdm
-
         bar = tqdm(total=max_steps or None, initial=state.step, unit="step", dynamic_ncols=True, leave=True)
 
     session_start = time.perf_counter()
@@ -656,8 +490,8 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
         epoch_ended = loader.epoch_just_ended
 
         if state.step % config.log_every == 0 or finished(elapsed):
-            loss = float(all_reduce_mean(loss_sum / len(micro_batches), dist_info))
-            aux_loss = float(all_reduce_mean(aux_sum / len(micro_batches), dist_info))
+            loss = float(dist_info.all_reduce_mean(loss_sum / len(micro_batches)))
+            aux_loss = float(dist_info.all_reduce_mean(aux_sum / len(micro_batches)))
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             now = time.perf_counter()
@@ -706,51 +540,5 @@ def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool =
     if state.step > 0 and (stop_at_step is None or finished(elapsed)):
         last_row = {**last_row, **evaluate_and_sample(elapsed)}
     metrics.close()
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return last_row
-
-
-# --- command ----------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        help="train a model on a prepared corpus (resumable; multi-GPU under torchrun)",
-        description="Train the GQA + MoE model. Single process: `gtransformer train ...`; "
-        "several GPUs / nodes: `torchrun --nproc_per_node=N -m gtransformer train ...`.",
-    )
-    parser.add_argument("--config", help="TOML preset with [model] and [train] tables, e.g. configs/tiny.toml")
-    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                        help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
-    parser.add_argument("--data", help="prepared corpus folder (from `gtransformer prepare --out`)")
-    parser.add_argument("--out", required=True, help="run folder for config, tokenizer, logs and checkpoints")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (sets train.max_steps)")
-    parser.add_argument("--max-minutes", type=float,
-                        help="stop after this many minutes of training; the LR schedule fits itself to it")
-    parser.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out with the run's saved config.toml (--set still applies)")
-    parser.add_argument("--stop-at-step", type=int,
-                        help="end this session at this step with a checkpoint, keeping the schedule "
-                        "(for time-limited sessions; continue later with --resume)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto)")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: all cores; 1 is faster when other jobs share the cores)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
-    parser.set_defaults(func=run_train)
-
-
-def run_train(args) -> int:
-    tables = resolve_tables(args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads} must be at least 1")
-        torch.set_num_threads(args.threads)
-    row = train(tables, args.out, resume=args.resume, device=args.device, stop_at_step=args.stop_at_step,
-                progress_bar=not args.no_progress)
-    if row and int(os.environ.get("RANK", "0")) == 0:
-        summary = {k: row[k] for k in ("step", "tokens", "loss", "val_loss", "val_bits_per_byte") if k in row}
-        print(json.dumps(summary))
-    return 0
+    dist_info.barrier()
+    return last_row if dist_info.is_main else {}

@@ -1,28 +1,21 @@
-"""Plots and `report.md` for a run folder; the `report` command.
+"""Plots and `report.md` for a run folder (`gtransformer report`).
 
-Reads only what training wrote (`metrics.jsonl`, `samples.jsonl`, `config.toml`),
-so it works while a run is still going and on a copied run folder.
+Reads only what training wrote (metrics, samples, config of a `RunDir`), so it
+works while a run is still going and on a copied run folder. Figures use
+matplotlib's object API (`Figure`), which draws without pyplot's global state.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib.figure import Figure
+
 from gtransformer.errors import UserError
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return rows
+from gtransformer.files import write_text_atomic
+from gtransformer.training.run_dir import RunDir
 
 
 def split_metrics(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -31,23 +24,17 @@ def split_metrics(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def plot(run_dir: Path, train: list[dict], evals: list[dict]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+def plot(run: RunDir, train: list[dict], evals: list[dict]) -> list[Path]:
     written = []
 
-    def save(fig, name: str) -> None:
-        path = run_dir / name
+    def save(fig: Figure, name: str) -> None:
+        path = run.plot_path(name)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         written.append(path)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", alpha=0.8)
     if evals:
         ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
@@ -56,27 +43,30 @@ def plot(run_dir: Path, train: list[dict], evals: list[dict]) -> list[Path]:
     ax.set_title("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    save(fig, "loss.png")
+    save(fig, "loss")
 
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig = Figure(figsize=(7, 3))
+    ax = fig.subplots()
     ax.plot([r["step"] for r in train], [r["lr"] for r in train])
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     ax.grid(alpha=0.3)
-    save(fig, "lr.png")
+    save(fig, "lr")
 
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig = Figure(figsize=(7, 3))
+    ax = fig.subplots()
     ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
     ax.set_xlabel("step")
     ax.set_ylabel("tokens / s")
     ax.grid(alpha=0.3)
-    save(fig, "throughput.png")
+    save(fig, "throughput")
 
     loads = [np.asarray(r["expert_load"]) for r in train if r.get("expert_load")]
     if loads and len({l.shape for l in loads}) == 1:
         stacked = np.stack(loads)  # (logged steps, layers, experts)
         panels = [("mean over training", stacked.mean(axis=0)), ("last logged step", stacked[-1])]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 0.6 * stacked.shape[1] + 2))
+        fig = Figure(figsize=(10, 0.6 * stacked.shape[1] + 2))
+        axes = fig.subplots(1, 2)
         for ax, (title, grid) in zip(axes, panels):
             image = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0)
             ax.set_xlabel("expert")
@@ -85,17 +75,14 @@ def plot(run_dir: Path, train: list[dict], evals: list[dict]) -> list[Path]:
             ax.set_xticks(range(grid.shape[1]))
             ax.set_yticks(range(grid.shape[0]))
             fig.colorbar(image, ax=ax, label="fraction of routed tokens")
-        save(fig, "expert_load.png")
+        save(fig, "expert_load")
     return written
 
 
-def write_markdown(run_dir: Path, train: list[dict], evals: list[dict], samples: list[dict], plots: list[Path]) -> Path:
-    lines = [f"# Training report: {run_dir.name}", ""]
-    config_path = run_dir / "config.toml"
-    if config_path.is_file():
-        import tomllib
-
-        model = tomllib.loads(config_path.read_text(encoding="utf-8")).get("model", {})
+def write_markdown(run: RunDir, train: list[dict], evals: list[dict], samples: list[dict], plots: list[Path]) -> Path:
+    lines = [f"# Training report: {run.path.name}", ""]
+    if run.has_config():
+        model = run.read_config().get("model", {})
         lines += [
             "Model: " + ", ".join(f"{k}={model[k]}" for k in ("d_model", "n_layers", "n_heads", "n_kv_heads",
                                                             "n_experts", "top_k", "context_length", "vocab_size")
@@ -139,33 +126,16 @@ def write_markdown(run_dir: Path, train: list[dict], evals: list[dict], samples:
                 text = (prompt + sample["text"]).replace("\n", " ⏎ ").replace("|", "\\|")
                 lines.append(f"- step {sample['step']}: {text}")
             lines.append("")
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    write_text_atomic(run.report_path, "\n".join(lines))
+    return run.report_path
 
 
 def make_report(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist; pass the folder given to `gtransformer train --out`")
-    train, evals = split_metrics(read_jsonl(run_dir / "metrics.jsonl"))
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise UserError(f"run folder {run.path} does not exist; pass the folder given to `gtransformer train --out`")
+    train, evals = split_metrics(run.metrics())
     if not train:
-        raise UserError(f"{run_dir / 'metrics.jsonl'} has no training rows yet; train first (or wait for the first log step)")
-    plots = plot(run_dir, train, evals)
-    return write_markdown(run_dir, train, evals, read_jsonl(run_dir / "samples.jsonl"), plots)
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "report",
-        help="PNG plots and report.md for a run folder",
-        description="Write loss / learning-rate / throughput / expert-load plots and report.md into the run folder.",
-    )
-    parser.add_argument("run", metavar="RUN", help="run folder (the one given to `train --out`)")
-    parser.set_defaults(func=run_report)
-
-
-def run_report(args) -> int:
-    path = make_report(args.run)
-    print(f"wrote {path} and plots in {path.parent}")
-    return 0
+        raise UserError(f"{run.metrics_path} has no training rows yet; train first (or wait for the first log step)")
+    plots = plot(run, train, evals)
+    return write_markdown(run, train, evals, run.samples(), plots)

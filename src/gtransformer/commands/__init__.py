@@ -1,0 +1,1 @@
+"""One module per `gtransformer` subcommand: argument parsing, then a call into the library."""

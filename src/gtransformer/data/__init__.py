@@ -1,0 +1,1 @@
+"""The corpus: download -> clean -> prepare (split, tokenizer, shards) -> `PreparedCorpus` -> training windows."""

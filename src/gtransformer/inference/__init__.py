@@ -1,0 +1,1 @@
+"""Inference: sampling, decode weights folded once, the eager and compiled decoders, text streaming."""

@@ -1,0 +1,1 @@
+"""Other formats: export to and import from Hugging Face `transformers`."""

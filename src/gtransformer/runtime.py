@@ -1,0 +1,159 @@
+"""Where and how the work runs: device, precision, autocast, distributed init, threads, peak FLOPs, memory.
+
+Every function here reads the machine or changes process-wide torch state only
+when its caller asks (`intra_op_threads` restores what it changed), so the
+training loop, the decoders and the commands share one answer to "which device,
+which precision, how many threads".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gtransformer.errors import UserError
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+# Dense half-precision peak FLOP/s per device, for MFU. H100/H200 use the measured ~790 TFLOP/s
+# (the 989 TFLOP/s spec is not reachable by matmuls); the others are spec-sheet numbers.
+PEAK_FLOPS = {
+    "H200": 790e12,
+    "H100": 790e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "V100": 125e12,
+    "T4": 65e12,
+    "P100": 18.7e12,
+}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """`auto` -> this process's CUDA GPU (LOCAL_RANK under torchrun), else mps, else cpu."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested!r} is not a device; use cpu, cuda, cuda:0, mps or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested not in PRECISIONS:
+        raise UserError(f"train.precision = {requested!r}; use {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        # T4 and P100 (Kaggle, Colab) have no bfloat16: float16 with a gradient scaler instead.
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, precision))
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s of one device, or None where unknown (CPU): then MFU is omitted."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak memory of this process: allocated CUDA memory, or resident memory on CPU."""
+    if device.type == "cuda":
+        return {"memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+    # VmHWM, not ru_maxrss: the latter can carry a parent's peak over fork/exec.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"memory_gb": int(line.split()[1]) * 1024 / 1e9}
+    except OSError:
+        pass
+    return {}
+
+
+def require_cpp_compiler(device: torch.device | str, fix: str) -> None:
+    """torch.compile on CPU builds C++ with the system compiler: say so up front instead of failing mid-run."""
+    if torch.device(device).type != "cpu":
+        return
+    candidates = [os.environ.get("CXX"), "c++", "g++", "clang++"]
+    if not any(name and shutil.which(name) for name in candidates):
+        raise UserError(f"torch.compile on CPU needs a C++ compiler (g++ or clang++) and none was found; "
+                        f"install one (e.g. apt-get install g++) or {fix}")
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None):
+    """Run torch CPU ops on n threads inside the block, then restore the count (None: leave it alone)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- distributed ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device_request: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_request)
+    if world_size <= 1:
+        return Distributed(), device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), enabled=True), device
