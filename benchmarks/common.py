@@ -30,6 +30,7 @@ if str(REPO_ROOT / "src") not in sys.path:
 
 from gtransformer import config as config_lib  # noqa: E402
 from gtransformer.errors import UserError  # noqa: E402
+from gtransformer.interop import hf  # noqa: E402
 from gtransformer.model.config import ModelConfig  # noqa: E402
 from gtransformer.model.model import GPT  # noqa: E402
 
@@ -68,36 +69,22 @@ def load_model_config(preset: str, overrides: list[str] | None = None):
 
 
 def mixtral_config(model_config, experts_implementation: str = "grouped_mm"):
-    """A `transformers.MixtralConfig` with exactly our architecture's shape and options."""
+    """A `transformers.MixtralConfig` with exactly our architecture's shape and options (`hf.mixtral_config`)."""
     from transformers import MixtralConfig
 
     c = model_config
-    unsupported = {
-        "qk_norm": c.qk_norm, "n_shared_experts": c.n_shared_experts, "moe_every": c.moe_every != 1,
-        "balance": c.balance != "aux", "n_experts": c.n_experts == 0,
-    }
-    bad = [name for name, differs in unsupported.items() if differs]
+    bad = hf.mixtral_incompatibilities(c)
+    if c.balance != "aux":  # bias balancing moves the routing during training, which Mixtral cannot
+        bad.append(f"balance = {c.balance!r} (Mixtral balances with the auxiliary loss only)")
     if bad:
-        raise UserError(f"Mixtral has no equivalent of [model] {', '.join(bad)}; benchmark a Mixtral-shaped preset")
+        raise UserError(f"Mixtral has no equivalent of [model] {'; '.join(bad)}; benchmark a Mixtral-shaped preset")
+    values = hf.mixtral_config(c, None, torch.float32)
+    for key in ("architectures", "model_type", "torch_dtype", "rope_parameters"):
+        values.pop(key)
     config = MixtralConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.d_model,
-        intermediate_size=c.expert_hidden,
-        num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads,
-        head_dim=c.resolved_head_dim,
-        num_local_experts=c.n_experts,
-        num_experts_per_tok=c.top_k,
-        max_position_embeddings=c.context_length,
-        rope_theta=c.rope_theta,
-        rms_norm_eps=c.norm_eps,
-        tie_word_embeddings=c.tie_embeddings,
+        **values,
         # Our trainer optimises loss + the weighted balancing loss, so HF computes its own too.
         output_router_logits=c.aux_loss_coef > 0,
-        router_aux_loss_coef=c.aux_loss_coef,
-        bos_token_id=None,
-        eos_token_id=None,
         pad_token_id=None,
     )
     config._experts_implementation = experts_implementation

@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from gtransformer.errors import UserError
+from gtransformer.interop import hf as hf_export
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -33,6 +37,17 @@ def test_mixtral_config_matches_our_model_exactly():
     assert hf.config.num_key_value_heads == config.n_kv_heads
     assert hf.config.num_experts_per_tok == config.top_k
     assert hf.config.rope_parameters["rope_theta"] == config.rope_theta
+    # The benchmark's reference is built from the export's own mapping: the two cannot drift apart.
+    exported = hf_export.mixtral_config(config, None, torch.float32)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                "num_local_experts", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"):
+        assert getattr(hf.config, key) == exported[key], key
+
+
+def test_benchmark_refuses_options_mixtral_cannot_represent():
+    config = common.load_model_config("tiny", ["n_layers=1", "vocab_size=512", "qk_norm=true", "balance=\"bias\""])
+    with pytest.raises(UserError, match="qk_norm.*balance"):
+        common.mixtral_config(config)
 
 
 def test_bench_train_runs_all_models(tmp_path, capsys):

@@ -24,19 +24,24 @@ from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT, rope_tables
 
 
+def mixtral_incompatibilities(config: ModelConfig) -> list[str]:
+    """The [model] options Mixtral cannot represent, each named with the reason (empty when it can)."""
+    problems = []
+    if config.n_experts == 0:
+        problems.append("n_experts = 0 (a dense model; Mixtral needs experts)")
+    if config.moe_every != 1:
+        problems.append(f"moe_every = {config.moe_every} (Mixtral has an MoE feed-forward in every layer)")
+    if config.n_shared_experts:
+        problems.append(f"n_shared_experts = {config.n_shared_experts} (Mixtral has no shared experts)")
+    if config.qk_norm:
+        problems.append("qk_norm = true (Mixtral has no query/key normalisation)")
+    return problems
+
+
 def check_exportable(model) -> None:
     """Raise one UserError naming the first option Mixtral cannot represent."""
-    c = model.config
-    problems = []
-    if c.n_experts == 0:
-        problems.append("n_experts = 0 (a dense model; Mixtral needs experts)")
-    if c.moe_every != 1:
-        problems.append(f"moe_every = {c.moe_every} (Mixtral has an MoE feed-forward in every layer)")
-    if c.n_shared_experts:
-        problems.append(f"n_shared_experts = {c.n_shared_experts} (Mixtral has no shared experts)")
-    if c.qk_norm:
-        problems.append("qk_norm = true (Mixtral has no query/key normalisation)")
-    if c.balance == "bias":
+    problems = mixtral_incompatibilities(model.config)
+    if model.config.balance == "bias":
         biased = [
             i for i, block in enumerate(model.layers)
             if block.is_moe and bool(block.mlp.gate.expert_bias.abs().max() > 0)
@@ -50,7 +55,8 @@ def check_exportable(model) -> None:
         raise UserError(f"this model cannot be exported as Mixtral: {problems[0]}; retrain without that option")
 
 
-def mixtral_config(config, bos_eos_id: int | None, dtype: torch.dtype) -> dict:
+def mixtral_config(config: ModelConfig, bos_eos_id: int | None, dtype: torch.dtype) -> dict:
+    """config.json of a Mixtral with exactly this architecture (the one mapping of our names to Mixtral's)."""
     return {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
