@@ -45,21 +45,14 @@ def plot(run: RunDir, train: list[dict], evals: list[dict]) -> list[Path]:
     ax.legend()
     save(fig, "loss")
 
-    fig = Figure(figsize=(7, 3))
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in train], [r["lr"] for r in train])
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.grid(alpha=0.3)
-    save(fig, "lr")
-
-    fig = Figure(figsize=(7, 3))
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens / s")
-    ax.grid(alpha=0.3)
-    save(fig, "throughput")
+    for key, label, name in (("lr", "learning rate", "lr"), ("tokens_per_s", "tokens / s", "throughput")):
+        fig = Figure(figsize=(7, 3))
+        ax = fig.subplots()
+        ax.plot([r["step"] for r in train], [r[key] for r in train])
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        save(fig, name)
 
     loads = [np.asarray(r["expert_load"]) for r in train if r.get("expert_load")]
     if loads and len({l.shape for l in loads}) == 1:
