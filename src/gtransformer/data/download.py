@@ -222,6 +222,23 @@ def load_manifest(path: Path) -> dict:
     return manifest
 
 
+def saved_books(raw: Path) -> list[tuple[int, Path, dict]]:
+    """(id, file, manifest record) of every book a download saved in `raw`: the manifest's entries with status
+    ok whose file exists, or, in a folder filled by hand without a manifest, every `{id}.txt`."""
+    manifest_path = raw / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return [(int(p.stem), p, {}) for p in raw.glob("*.txt") if p.stem.isdigit()]
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{manifest_path} is unreadable ({exc}); rerun `gtransformer download`") from None
+    return [
+        (int(key), raw / record["file"], record)
+        for key, record in manifest.get("books", {}).items()
+        if record.get("status") == "ok" and (raw / record["file"]).is_file()
+    ]
+
+
 def is_valid(record: dict | None, out: Path) -> bool:
     """The manifest says the book is there, and the file on disk still has that hash."""
     if not record or record.get("status") != "ok":

@@ -10,7 +10,6 @@ manifest.json. Each book in a shard is preceded by `<|endoftext|>`.
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
 import time
@@ -26,6 +25,7 @@ except ImportError:
 
 from gtransformer.data.clean import clean_book, word_count
 from gtransformer.data.corpus import SPLITS, PreparedCorpus
+from gtransformer.data.download import saved_books
 from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.errors import UserError
 
@@ -51,18 +51,8 @@ def load_raw_books(raw: str | Path) -> list[Book]:
     raw = Path(raw)
     if not raw.is_dir():
         raise UserError(f"--raw {raw} does not exist; run `gtransformer download --out {raw}` first")
-    manifest_path = raw / "manifest.json"
-    books = []
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{manifest_path} is unreadable ({exc}); rerun `gtransformer download`") from None
-        for key, record in manifest.get("books", {}).items():
-            if record.get("status") == "ok" and (raw / record["file"]).is_file():
-                books.append(Book(int(key), raw / record["file"], record.get("title", ""), record.get("author", "")))
-    else:
-        books = [Book(int(p.stem), p) for p in raw.glob("*.txt") if p.stem.isdigit()]
+    books = [Book(book_id, path, record.get("title", ""), record.get("author", ""))
+             for book_id, path, record in saved_books(raw)]
     if not books:
         raise UserError(f"no books found in {raw}; run `gtransformer download --out {raw}` first")
     return sorted(books, key=lambda b: b.id)
