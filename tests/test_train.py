@@ -11,7 +11,9 @@ import pytest
 from gtransformer.cli import main
 from gtransformer.errors import UserError
 from gtransformer.runtime import resolve_precision
-from gtransformer.training.trainer import TrainConfig, lr_multiplier, train
+from gtransformer.training.config import TrainConfig
+from gtransformer.training.optim import lr_multiplier
+from gtransformer.training.trainer import train
 
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
