@@ -36,13 +36,11 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) over the two halves of the last axis: HF's RoPE pairing of i with i + D/2.
 
-    HF writes it cat((-x2, x1)); a roll and an in-place negation give the same values with one
-    allocation fewer (measured 1.1x forward+backward at training sizes, and fewer ops per decoding step).
+    Written as HF writes it: a roll with an in-place negation is ~3 us faster per eager call, but
+    torch.compile fuses it worse (the compiled decoding step measured 1.2x slower with it).
     """
     half = x.shape[-1] // 2
-    rotated = x.roll(half, dims=-1)  # (x2, x1)
-    rotated[..., :half].neg_()
-    return rotated
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
