@@ -44,10 +44,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 def generate_ours(model, prompt: torch.Tensor, new_tokens: int, decode_dtype: str | None = None,
                   compile: bool = False) -> list[int]:
-    from gtransformer.inference.generate import SamplingConfig, generate
+    from gtransformer.inference.generate import DecodeOptions, generate
+    from gtransformer.inference.sampling import SamplingConfig
 
-    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, dtype=decode_dtype, compile=compile)
-    return generate(model, [prompt.tolist()], sampling)[0]
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+    # single_thread_steps as the `generate` command sets it: the benchmark measures what the CLI runs.
+    options = DecodeOptions(dtype=decode_dtype, compile=compile, single_thread_steps=True)
+    return generate(model, [prompt.tolist()], sampling, options)[0]
 
 
 def generate_hf(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:

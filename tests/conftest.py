@@ -16,7 +16,8 @@ import torch
 from gtransformer.data.shards import write_shard
 from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.inference import generate as generate_module
-from gtransformer.inference.generate import SamplingConfig, generate
+from gtransformer.inference.generate import DecodeOptions, generate
+from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
 
@@ -203,8 +204,10 @@ def make_model(vocab_size: int = 300, **overrides) -> GPT:
     return GPT(ModelConfig(**values)).eval()
 
 
-def record_step_logits(model, prompts, n_new, **sampling):
-    """Run greedy generation and keep the logits each step sampled from (prefill, then the decoding steps)."""
+def record_step_logits(model, prompts, n_new, **options):
+    """Run greedy generation and keep the logits each step sampled from (prefill, then the decoding steps).
+
+    options: `DecodeOptions` fields (dtype, compile, ...)."""
     seen = []
     original = generate_module.sample_next
 
@@ -214,7 +217,7 @@ def record_step_logits(model, prompts, n_new, **sampling):
 
     generate_module.sample_next = recording
     try:
-        tokens = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, temperature=0, **sampling))
+        tokens = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, temperature=0), DecodeOptions(**options))
     finally:
         generate_module.sample_next = original
     return tokens, seen
@@ -228,5 +231,5 @@ def make_model_fixture():
 
 @pytest.fixture(scope="session", name="record_step_logits")
 def record_step_logits_fixture():
-    """record_step_logits(model, prompts, n_new, **sampling) -> (tokens, logits of each step)."""
+    """record_step_logits(model, prompts, n_new, **decode_options) -> (tokens, logits of each step)."""
     return record_step_logits

@@ -1,4 +1,4 @@
-"""Compiled decoding (`SamplingConfig.compile`): same logits as a full recompute, every architecture option.
+"""Compiled decoding (`DecodeOptions.compile`): same logits as a full recompute, every architecture option.
 
 Each distinct model shape compiles once (a few seconds on CPU with the C++ compiler),
 so the architectures share a few compiled graphs rather than one test each.
@@ -12,8 +12,12 @@ import torch
 from gtransformer import runtime
 from gtransformer.inference import compiled_decode
 from gtransformer.inference.compiled_decode import CompiledDecoder
+from gtransformer.inference.decode import Decoder, matvec_layout
+from gtransformer.inference.decode_weights import fold_for_decoding
 from gtransformer.errors import UserError
-from gtransformer.inference.generate import SamplingConfig, generate
+from gtransformer.inference.generate import DecodeOptions, generate
+from gtransformer.inference.sampling import SamplingConfig
+from gtransformer.model.model import KVCache
 
 
 pytestmark = [
@@ -21,6 +25,8 @@ pytestmark = [
     pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
                        reason="torch.compile on CPU needs a C++ compiler"),
 ]
+
+COMPILED = DecodeOptions(compile=True)
 
 
 def assert_matches_full_recompute(model, prompts, tokens, logits, atol):
@@ -53,6 +59,27 @@ def test_compiled_steps_match_full_recompute_with_ragged_prompts(overrides, make
     assert generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=0)) == tokens
 
 
+@torch.inference_mode()
+def test_eager_and_compiled_decoders_read_one_fold_for_decoding(make_model):
+    model = make_model(n_layers=1, qk_norm=True)
+    folded = fold_for_decoding(model)
+    prompt, token = [3, 4, 5], 6
+    expected = model(torch.tensor([prompt + [token]])).logits[0, -1]
+
+    def after_prefill():
+        cache = KVCache(model.config, 1, model.config.context_length, "cpu", torch.float32)
+        model(torch.tensor([prompt]), cache=cache)
+        return cache
+
+    compiled = CompiledDecoder(folded)
+    assert compiled.w is folded
+    cache = after_prefill()
+    torch.testing.assert_close(compiled.step(torch.tensor([token]), cache, None, None)[0], expected, atol=1e-5, rtol=0)
+    cache = after_prefill()
+    eager = Decoder(matvec_layout(folded), cache, None).step(torch.tensor([token]), None)[0]
+    torch.testing.assert_close(eager, expected, atol=1e-5, rtol=0)
+
+
 def test_compiled_bfloat16_decoding_stays_close_to_the_model_forward(make_model, record_step_logits):
     model = make_model(n_layers=1).to(torch.bfloat16)
     prompts = [[7, 8, 9, 10, 11]]
@@ -64,10 +91,10 @@ def test_compiled_bfloat16_decoding_stays_close_to_the_model_forward(make_model,
 
 def test_compiled_decoder_is_reused_and_rebuilt_when_weights_change(make_model, record_step_logits):
     model = make_model(n_layers=1)
-    first = generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=5, temperature=0, compile=True))
+    first = generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=5, temperature=0), COMPILED)
     decoder = CompiledDecoder.for_model(model)
     assert CompiledDecoder.for_model(model) is decoder
-    assert generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=5, temperature=0, compile=True)) == first
+    assert generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=5, temperature=0), COMPILED) == first
     with torch.no_grad():
         model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))  # as an optimizer step would
     assert CompiledDecoder.for_model(model) is not decoder
@@ -78,19 +105,19 @@ def test_compiled_decoder_is_reused_and_rebuilt_when_weights_change(make_model, 
 def test_sampling_with_a_seed_is_reproducible_and_matches_the_eager_decoder(make_model):
     model = make_model(n_layers=1)
     options = dict(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=3)
-    compiled = generate(model, [[4, 5, 6]], SamplingConfig(compile=True, **options))
-    assert compiled == generate(model, [[4, 5, 6]], SamplingConfig(compile=True, **options))
+    compiled = generate(model, [[4, 5, 6]], SamplingConfig(**options), COMPILED)
+    assert compiled == generate(model, [[4, 5, 6]], SamplingConfig(**options), COMPILED)
     assert compiled == generate(model, [[4, 5, 6]], SamplingConfig(**options))
 
 
 def test_user_mistakes_and_missing_compiler_are_one_line_errors(monkeypatch, make_model):
     with pytest.raises(UserError, match="int8"):
-        SamplingConfig(compile=True, dtype="int8").validate()
+        DecodeOptions(compile=True, dtype="int8").validate()
     model = make_model(n_layers=1)
     monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(UserError, match="C.. compiler.*without --compile"):
-        generate(model, [[1, 2]], SamplingConfig(max_new_tokens=2, compile=True))
+        generate(model, [[1, 2]], SamplingConfig(max_new_tokens=2), COMPILED)
 
 
 def test_a_failing_compilation_becomes_a_user_error(monkeypatch, make_model):
@@ -102,4 +129,4 @@ def test_a_failing_compilation_becomes_a_user_error(monkeypatch, make_model):
     monkeypatch.setattr(compiled_decode.torch, "compile", broken_compile)
     model = make_model(n_layers=1)
     with pytest.raises(UserError, match="compiling the decoding step failed.*InvalidCxxCompiler.*without --compile"):
-        generate(model, [[1, 2]], SamplingConfig(max_new_tokens=3, compile=True))
+        generate(model, [[1, 2]], SamplingConfig(max_new_tokens=3), COMPILED)

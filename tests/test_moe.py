@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from gtransformer.model.config import ModelConfig
-from gtransformer.model.moe import MoE, grouped_mm_supported, init_moe_weights
+from gtransformer.model.model import GPT
+from gtransformer.model.moe import FEW_TOKENS, ExpertPathChoice, MoE, grouped_mm_supported, init_moe_weights
 
 # Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,8 +143,6 @@ def test_router_runs_in_float32_under_bfloat16_input():
 @pytest.mark.parametrize("n_tokens", [1, 3])
 def test_few_token_decoding_path_agrees_with_loop(n_tokens):
     """A decoding step on CPU takes forward_few_tokens; same outputs and gradients as the reference."""
-    from gtransformer.model.moe import FEW_TOKENS
-
     assert n_tokens <= FEW_TOKENS
     moe = make_moe(n_shared_experts=1)
     x = torch.randn(1, n_tokens, 32)
@@ -169,16 +168,25 @@ def test_bfloat16_autocast_forward_and_backward(impl):
     assert moe.experts.w1.grad.dtype == torch.float32 and moe.experts.w1.grad.abs().sum() > 0
 
 
-def test_the_chosen_expert_path_is_logged_once(caplog, monkeypatch):
-    from gtransformer.model import moe as moe_module
-
-    monkeypatch.setattr(moe_module, "_impl_choice", {})
+def test_the_chosen_expert_path_is_logged_once(caplog):
+    choice = ExpertPathChoice()
     with caplog.at_level("INFO", logger="gtransformer.model.moe"):
         for _ in range(2):
-            moe_module.choose_expert_impl("auto", torch.device("cpu"), torch.float32)
-        chosen = moe_module.choose_expert_impl("loop", torch.device("cpu"), torch.float32)
+            choice.resolve("auto", torch.device("cpu"), torch.float32)
+        chosen = choice.resolve("loop", torch.device("cpu"), torch.float32)
     messages = [r.getMessage() for r in caplog.records]
     assert chosen == "loop"
     assert len(messages) == 2 and "path on cpu" in messages[0] and "loop path" in messages[1]
     expected = "grouped" if grouped_mm_supported(torch.device("cpu"), torch.float32) else "loop"
     assert f"{expected} path" in messages[0]
+
+
+def test_a_model_logs_its_expert_path_once_for_all_its_layers(caplog):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, context_length=16, d_model=32, n_heads=4, n_kv_heads=2, n_layers=3,
+                            n_experts=4, top_k=2, expert_hidden=16))
+    assert all(block.mlp.expert_path is model.expert_path for block in model.layers)
+    with caplog.at_level("INFO", logger="gtransformer.model.moe"):
+        model(torch.randint(0, 50, (2, 5)))
+        model(torch.randint(0, 50, (2, 5)))
+    assert sum("path on cpu" in r.getMessage() for r in caplog.records) == 1

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gtransformer.errors import UserError
-from gtransformer.inference.generate import TextStream
+from gtransformer.inference.stream import TextStream
 from gtransformer.data.tokenizer import EOT, Tokenizer, _pieces
 from conftest import portuguese_text
 

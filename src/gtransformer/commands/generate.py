@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from gtransformer.errors import UserError
-from gtransformer.inference.generate import generate_text, prompt_ids, stream
-from gtransformer.inference.generate import SamplingConfig
+from gtransformer.inference.generate import DecodeOptions, generate_text, prompt_ids, stream
+from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.runtime import pick_device
 from gtransformer.training.checkpoint import load_for_inference
 
@@ -70,10 +70,11 @@ def run_generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         stop_strings=tuple(args.stop),
         seed=args.seed,
-        dtype=args.decode_dtype,
-        compile=args.compile,
     )
     sampling.validate()
+    # A command owns its process: few-row CPU steps on one thread (see DecodeOptions.single_thread_steps).
+    options = DecodeOptions(dtype=args.decode_dtype, compile=args.compile, single_thread_steps=True)
+    options.validate()
     model, tokenizer, _ = load_for_inference(args.run, device=pick_device(args.device))
     prompt_len = len(prompt_ids(tokenizer, prompt))
     if prompt_len + sampling.max_new_tokens > model.config.context_length:
@@ -85,12 +86,12 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.num_samples == 1 and not args.no_stream:
         out.write(prompt)
         out.flush()
-        for piece in stream(model, tokenizer, prompt, sampling):
+        for piece in stream(model, tokenizer, prompt, sampling, options):
             out.write(piece)
             out.flush()
         out.write("\n")
         return 0
-    texts = generate_text(model, tokenizer, [prompt] * args.num_samples, sampling)
+    texts = generate_text(model, tokenizer, [prompt] * args.num_samples, sampling, options)
     for i, text in enumerate(texts):
         if args.num_samples > 1:
             out.write(f"--- sample {i + 1} ---\n")

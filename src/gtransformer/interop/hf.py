@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from gtransformer.data.tokenizer import EOT, Tokenizer
 from gtransformer.errors import UserError
 from gtransformer.model.config import ModelConfig
-from gtransformer.model.model import GPT, rope_tables
+from gtransformer.model.model import GPT
+from gtransformer.model.primitives import rope_tables
 
 
 def mixtral_incompatibilities(config: ModelConfig) -> list[str]:

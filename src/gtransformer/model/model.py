@@ -4,11 +4,13 @@
       └► embed_tokens ─► n_layers x Block ─► norm ─► lm_head ─► logits (B, T, vocab)
     Block (pre-norm, residual):
       x = x + Attention(input_layernorm(x))        GQA, RoPE, optional QK-norm, KV cache
-      x = x + FeedForward(post_attention_layernorm(x))   MoE (moe.py) or dense SwiGLU
+      x = x + mlp(post_attention_layernorm(x))      MoE (moe.py) or DenseFeedForward (feed_forward.py)
 
 Names follow Hugging Face (q_proj, k_proj, v_proj, o_proj, embed_tokens,
 lm_head, norm, gate, experts) and RoPE uses HF's rotate_half layout, so
-exporting to Mixtral (hf.py) is a plain copy of tensors.
+exporting to Mixtral (interop/hf.py) is a plain copy of tensors. RMSNorm,
+RoPE and SwiGLU are the functions of primitives.py, which the decoders in
+gtransformer.inference call too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from torch import nn
 
 from gtransformer.errors import UserError
 from gtransformer.model.config import ModelConfig
-from gtransformer.model.moe import MoE, SwiGLU, expert_params, init_moe_weights
+from gtransformer.model.feed_forward import DenseFeedForward
+from gtransformer.model.moe import ExpertPathChoice, MoE, expert_params, init_moe_weights
+from gtransformer.model.primitives import apply_rope, rms_norm, rope_tables
 
 
 class ModelOutput(NamedTuple):
@@ -131,26 +135,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # One fused kernel (forward and backward) instead of normalise, cast and scale.
-            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
-        # Normalise in float32 then scale in the input dtype, exactly as HF's MixtralRMSNorm.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (length, head_dim) in HF's layout (frequencies repeated over both halves)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + head_dim/2): HF's rotate_half convention, so weights export unchanged."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -203,21 +188,21 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, expert_path: ExpertPathChoice | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.is_moe = config.is_moe_layer(layer)
-        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.d_model, config.resolved_dense_hidden)
+        # Both return a FeedForwardOutput (output, weighted aux loss or None, stats or None).
+        if self.is_moe:
+            self.mlp = MoE(config, expert_path)
+        else:
+            self.mlp = DenseFeedForward(config.d_model, config.resolved_dense_hidden)
 
     def forward(self, x, cos, sin, cache: KVCache | None, need_losses: bool):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            h, aux, stats = self.mlp(h, need_losses)
-        else:
-            h, aux, stats = self.mlp(h), None, None
+        h, aux, stats = self.mlp(self.post_attention_layernorm(x), need_losses)
         return x + h, aux, stats
 
 
@@ -227,7 +212,9 @@ class GPT(nn.Module):
         config.validate()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        # One resolver of the expert path for all MoE layers: the choice is logged once per model.
+        self.expert_path = ExpertPathChoice()
+        self.layers = nn.ModuleList(Block(config, i, self.expert_path) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:

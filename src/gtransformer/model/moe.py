@@ -10,6 +10,11 @@ Data flow of one MoE layer (tokens flattened to N x d_model):
 Dropless: every token reaches all of its top-k experts, whatever the load.
 Expert weights are stacked tensors (n_experts, out, in), the nn.Linear layout
 of each expert, so that exporting to Mixtral is a plain copy per expert.
+
+Which expert path runs ("grouped" GEMMs or the per-expert "loop") is resolved
+by an `ExpertPathChoice`, one per `GPT` shared by its MoE layers, which logs
+each new choice once. The routing rule (`select_experts`) is shared with both
+decoders in `gtransformer.inference`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gtransformer.model.feed_forward import FeedForwardOutput, SwiGLU
+from gtransformer.model.primitives import swiglu
+
 logger = logging.getLogger(__name__)
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-# At or below this many tokens (a decoding step), CPU uses forward_few_tokens instead of grouped_mm.
+# A CPU step of at most this many tokens (rows) is matrix-vector work: too small for grouped GEMMs'
+# sort/scatter bookkeeping or for splitting over threads. The one threshold behind Experts'
+# forward_few_tokens, the eager decoder (`inference.decode`) and DecodeOptions.single_thread_steps.
 FEW_TOKENS = 4
 
 
@@ -42,43 +52,36 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-# (requested, device, dtype) -> "grouped" | "loop"; a plain dict so torch.compile guards on it cheaply.
-_impl_choice: dict[tuple, str] = {}
+class ExpertPathChoice:
+    """Resolves `expert_impl` to the path that runs ("grouped" | "loop"), logging each new choice once.
 
+    A `GPT` owns one and hands it to all of its MoE layers (a lone `MoE` makes its
+    own), so a model logs its path once per (request, device, dtype), not once per layer.
+    """
 
-def choose_expert_impl(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve expert_impl to the path that runs here, logging the choice once per device and dtype."""
-    key = (requested, device.type, device.index, dtype)
-    impl = _impl_choice.get(key)
-    if impl is None:
-        supported = grouped_mm_supported(device, dtype)
-        impl = "grouped" if requested in ("auto", "grouped") and supported else "loop"
-        if torch.compiler.is_compiling():
-            return impl  # logging would break the graph; the next eager call logs and records the choice
-        if requested == "grouped" and not supported:
-            logger.warning("expert_impl = \"grouped\" needs grouped_mm, unavailable on %s for %s; using the loop",
-                           device.type, dtype)
-        logger.info("MoE experts use the %s path on %s (%s, torch %s)", impl, device.type, dtype, torch.__version__)
-        _impl_choice[key] = impl
-    return impl
+    def __init__(self):
+        # (requested, device type, device index, dtype) -> path; a plain dict so torch.compile guards on it cheaply.
+        self.chosen: dict[tuple, str] = {}
+
+    def resolve(self, requested: str, device: torch.device, dtype: torch.dtype) -> str:
+        key = (requested, device.type, device.index, dtype)
+        impl = self.chosen.get(key)
+        if impl is None:
+            supported = grouped_mm_supported(device, dtype)
+            impl = "grouped" if requested in ("auto", "grouped") and supported else "loop"
+            if torch.compiler.is_compiling():
+                return impl  # logging would break the graph; the next eager call logs and records the choice
+            if requested == "grouped" and not supported:
+                logger.warning("expert_impl = \"grouped\" needs grouped_mm, unavailable on %s for %s; using the loop",
+                               device.type, dtype)
+            logger.info("MoE experts use the %s path on %s (%s, torch %s)", impl, device.type, dtype, torch.__version__)
+            self.chosen[key] = impl
+        return impl
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls on x run in: the autocast dtype inside autocast, else x's own."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-class SwiGLU(nn.Module):
-    """Dense SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Used for dense layers and shared experts."""
-
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def select_experts(logits: torch.Tensor, top_k: int, expert_bias: torch.Tensor | None = None):
@@ -169,7 +172,7 @@ class Experts(nn.Module):
             h = x[t : t + 1]
             y = None
             for slot, e in enumerate(experts):
-                part = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
+                part = F.linear(swiglu(F.linear(h, self.w1[e]), F.linear(h, self.w3[e])), self.w2[e])
                 part = part * top_weights[t, slot].to(part.dtype)
                 y = part if y is None else y + part
             rows.append(y)
@@ -183,14 +186,14 @@ class Experts(nn.Module):
             if token_idx.numel() == 0:
                 continue
             h = x[token_idx]
-            h = F.linear(F.silu(F.linear(h, self.w1[e])) * F.linear(h, self.w3[e]), self.w2[e])
+            h = F.linear(swiglu(F.linear(h, self.w1[e]), F.linear(h, self.w3[e])), self.w2[e])
             out.index_add_(0, token_idx, (h * top_weights[token_idx, slot, None].to(h.dtype)).to(out.dtype))
         return out
 
     def forward_grouped(
         self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor, counts: torch.Tensor
     ) -> torch.Tensor:
-        """(token, slot) pairs sorted by expert, three grouped GEMMs, unsorted; no host synchronisation.
+        """(token, slot) pairs sorted by expert, two grouped GEMMs (gate+up, down), unsorted; no host sync.
 
         Rows move by permutation (gathers both ways) instead of index_add, whose
         scatter-add is slow on CPU; each token's k results are mixed by one bmm.
@@ -206,7 +209,7 @@ class Experts(nn.Module):
         w2 = self.w2.to(dtype).transpose(1, 2)
         h = GatherTokens.apply(x.to(dtype), order, inverse, top_k)
         gate, up = F.grouped_mm(h, w13, offs=offsets).chunk(2, dim=-1)
-        h = F.grouped_mm(F.silu(gate) * up, w2, offs=offsets)
+        h = F.grouped_mm(swiglu(gate, up), w2, offs=offsets)
         h = PermuteRows.apply(h, inverse, order).view(n_tokens, top_k, -1)
         return torch.bmm(top_weights.to(h.dtype)[:, None, :], h).squeeze(1)
 
@@ -247,21 +250,22 @@ class PermuteRows(torch.autograd.Function):
 class MoE(nn.Module):
     """Router + experts (+ optional shared experts); returns output, weighted balancing loss, stats."""
 
-    def __init__(self, config):
+    def __init__(self, config, expert_path: ExpertPathChoice | None = None):
         super().__init__()
         self.config = config
+        self.expert_path = expert_path if expert_path is not None else ExpertPathChoice()
         self.gate = Router(config.d_model, config.n_experts, config.top_k, use_bias=config.balance == "bias")
         self.experts = Experts(config.n_experts, config.d_model, config.expert_hidden)
         self.shared_experts = (
             SwiGLU(config.d_model, config.expert_hidden * config.n_shared_experts) if config.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor, need_losses: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+    def forward(self, x: torch.Tensor, need_losses: bool = False) -> FeedForwardOutput:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, top_weights, top_ids = self.gate(x)
         n_experts = self.config.n_experts
-        impl = choose_expert_impl(self.config.expert_impl, x.device, _compute_dtype(x))
+        impl = self.expert_path.resolve(self.config.expert_impl, x.device, _compute_dtype(x))
         counts = None
         if impl == "grouped" or need_losses or (self.training and self.gate.use_bias):
             # Counted with scatter_add (not bincount) so the size is static and nothing syncs.
@@ -276,7 +280,7 @@ class MoE(nn.Module):
         if self.training and self.gate.use_bias:
             self.gate.load_since_update.add_(counts.float())
         if not need_losses:
-            return out, None, None
+            return FeedForwardOutput(out, None, None)
 
         n_tokens = x.shape[0]
         probs = logits.softmax(dim=-1)
@@ -292,7 +296,7 @@ class MoE(nn.Module):
             "aux_loss": aux.detach(),
             "z_loss": z.detach(),
         }
-        return out, weighted, stats
+        return FeedForwardOutput(out, weighted, stats)
 
 
 def init_moe_weights(module: MoE, std: float, out_std: float) -> None:

@@ -1,0 +1,75 @@
+"""Sampling rules: which token comes next, given the logits (`SamplingConfig`, `sample_next`).
+
+    logits (B, V) float32 ─► repetition penalty (tokens seen) ─► / temperature
+                          ─► top-k / top-p filter ─► multinomial (seeded generator)   [temperature 0: argmax]
+
+How the logits are computed (dtype, compiled step, threads) is `generate.DecodeOptions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gtransformer.errors import UserError
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 200  # upper bound on generated tokens per prompt
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int | None = None  # keep only the k most likely tokens (None/0 = all)
+    top_p: float | None = None  # keep the smallest set whose probability reaches p (None/1 = all)
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output (CTRL / HF rule)
+    stop_token_ids: Sequence[int] = ()  # generation of a row ends at any of these (not included in output)
+    stop_strings: Sequence[str] = field(default_factory=tuple)  # text generation ends before any of these
+    seed: int | None = None  # same seed, same model, same prompt -> same text
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise UserError(f"max_new_tokens = {self.max_new_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise UserError(f"temperature = {self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k is not None and self.top_k < 0:
+            raise UserError(f"top_k = {self.top_k} must be >= 0 (0 = no top-k filter)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p = {self.top_p} must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty = {self.repetition_penalty} must be > 0 (1 = off)")
+        if any(not s for s in self.stop_strings):
+            raise UserError("stop strings must not be empty")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive / multiply negative logits of already-seen tokens (so they always get less likely)."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the first one always stays.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, seen: torch.Tensor | None
+) -> torch.Tensor:
+    """logits (B, V) float32 -> next token ids (B,)."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
