@@ -17,7 +17,7 @@ from gtransformer.inference.decode_weights import fold_for_decoding
 from gtransformer.errors import UserError
 from gtransformer.inference.generate import DecodeOptions, generate
 from gtransformer.inference.sampling import SamplingConfig
-from gtransformer.model.model import KVCache
+from gtransformer.model.attention import KVCache
 
 
 pytestmark = [

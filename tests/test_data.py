@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import random
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -29,7 +29,7 @@ from gtransformer.inference.sampling import SamplingConfig, apply_repetition_pen
 from gtransformer.inference.stream import TextStream
 from gtransformer.model.moe import FEW_TOKENS, select_experts
 from gtransformer.model.config import ModelConfig
-from gtransformer.model.model import GPT, RMSNorm
+from gtransformer.model.primitives import RMSNorm
 from gtransformer.data.tokenizer import Tokenizer
 
 # Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.

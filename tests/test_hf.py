@@ -7,14 +7,11 @@ import pytest
 import torch
 
 from gtransformer.commands import export as export_command
-from gtransformer.interop import hf as hf_module
 from gtransformer.training.checkpoint import save_checkpoint
 from gtransformer.errors import UserError
 from gtransformer.inference.generate import generate
 from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.interop.hf import export_hf, import_hf
-from gtransformer.model.config import ModelConfig
-from gtransformer.model.model import GPT
 from gtransformer.data.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from gtransformer.config import load_toml
 from gtransformer.errors import UserError
 from gtransformer.model.config import ModelConfig
-from gtransformer.model.model import GPT, KVCache
+from gtransformer.model.attention import KVCache
+from gtransformer.model.model import GPT
 from gtransformer.model.primitives import apply_rope
 
 # Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.

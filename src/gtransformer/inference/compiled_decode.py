@@ -38,6 +38,7 @@ from gtransformer.inference.decode_weights import (
     fold_for_decoding,
     folded_rms_norm,
 )
+from gtransformer.model.attention import decode_attention, visible_keys
 from gtransformer.model.moe import select_experts
 from gtransformer.model.primitives import apply_rope, rms_norm, swiglu
 from gtransformer.runtime import require_cpp_compiler
@@ -110,10 +111,7 @@ class CompiledDecoder:
         q_BHD = q_BHD.to(keys_BKSD.dtype).float()
         keys_BKSD.index_copy_(2, slot_1, k_BKD[:, :, None, :].to(keys_BKSD.dtype))
         values_BKSD.index_copy_(2, slot_1, v_BKD[:, :, None, :].to(values_BKSD.dtype))
-        q_BKGD = q_BHD.view(B, K, G, D) * D**-0.5
-        scores_BKGS = (q_BKGD[:, :, :, None, :] * keys_BKSD[:, :, None, :, :].float()).sum(-1)
-        probs_BKGS = scores_BKGS.masked_fill(~visible_B11S, float("-inf")).softmax(-1)
-        y_BKGD = (probs_BKGS[..., None] * values_BKSD[:, :, None, :, :].float()).sum(-2)
+        y_BKGD = decode_attention(q_BHD.view(B, K, G, D), keys_BKSD, values_BKSD, visible_B11S, D**-0.5, fused=True)
         return y_BKGD.reshape(B, H * D)
 
     def _step(self, tokens_B, slot_1, positions_B, pad_B, cache_k, cache_v):
@@ -121,8 +119,7 @@ class CompiledDecoder:
         x_BM = F.embedding(tokens_B, w.embed)
         cos_B1D = self.rope_cos.index_select(0, positions_B)[:, None, :]
         sin_B1D = self.rope_sin.index_select(0, positions_B)[:, None, :]
-        slots_S = torch.arange(cache_k.shape[3], device=tokens_B.device)
-        visible_B11S = ((slots_S <= slot_1) & (slots_S >= pad_B[:, None]))[:, None, None, :]
+        visible_B11S = visible_keys(torch.arange(cache_k.shape[3], device=tokens_B.device), slot_1, pad_B)
         for i, layer in enumerate(w.layers):
             y_BHD = self._attention(layer, x_BM, cos_B1D, sin_B1D, visible_B11S, slot_1, cache_k[i], cache_v[i])
             x_BM = (x_BM.float() + _matvec(layer.o, y_BHD.to(layer.o.dtype))).to(x_BM.dtype)

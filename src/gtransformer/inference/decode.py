@@ -29,7 +29,8 @@ from gtransformer.inference.decode_weights import (
     map_matrices,
 )
 from gtransformer.inference.int8 import Int8Matrix
-from gtransformer.model.model import GPT, KVCache
+from gtransformer.model.attention import KVCache, decode_attention, step_mask
+from gtransformer.model.model import GPT
 from gtransformer.model.moe import FEW_TOKENS, select_experts
 from gtransformer.model.primitives import apply_rope, rms_norm, swiglu
 
@@ -112,11 +113,8 @@ class Decoder:
         self.cache = cache
         self.k_layers, self.v_layers = cache.k.unbind(0), cache.v.unbind(0)  # (B, K, S, D) views
         self.matmul_dtype = Int8Matrix.input_dtype if weights.dtype == torch.int8 else weights.dtype
-        self.key_bias = None  # additive -inf on each row's left-padding slots
-        if pad is not None:
-            slots = torch.arange(cache.max_len, device=pad.device)
-            self.key_bias = torch.zeros(pad.shape[0], 1, 1, cache.max_len, device=pad.device, dtype=cache.k.dtype)
-            self.key_bias.masked_fill_(slots < pad[:, None, None, None], float("-inf"))
+        self.pad = pad
+        self.slots = torch.arange(cache.max_len, device=cache.k.device)
 
     @classmethod
     def prepared_weights(cls, model, dtype: torch.dtype | None = None, keep: bool = True) -> DecodeWeights:
@@ -142,6 +140,7 @@ class Decoder:
         where = slot if positions is None else positions
         cos, sin = w.rope_cos[where], w.rope_sin[where]  # (H + K, D) or (B, H + K, D), q rows scaled
         x = F.embedding(tokens, w.embed)
+        mask = step_mask(self.slots, slot, self.pad)  # (B, 1, 1, slot + 1) or None: keys are read up to `slot`
         for i, layer in enumerate(w.layers):
             qkv = _matmul(folded_rms_norm(x, w.norm_eps), layer.qkv).to(x.dtype)
             qk = qkv[:, : (H + K) * D].view(B, H + K, D)
@@ -153,11 +152,8 @@ class Decoder:
             k_layer.select(2, slot).copy_(qk[:, H:])
             v_layer.select(2, slot).copy_(qkv[:, (H + K) * D :].view(B, K, D))
             keys, values = k_layer.narrow(2, 0, slot + 1), v_layer.narrow(2, 0, slot + 1)
-            # Each K/V head's group of query heads attends as a short query sequence (no causal mask
-            # within one position), so GQA needs no repeated K/V; the scale is already in q.
-            mask = self.key_bias[..., : slot + 1] if self.key_bias is not None else None
             q = qk[:, :H].reshape(B, K, H // K, D)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0).reshape(B, H * D)
+            y = decode_attention(q, keys, values, mask, scale=1.0).reshape(B, H * D)  # the scale is already in q
             x = _add_matmul_(x, y, layer.o)
             h = folded_rms_norm(x, w.norm_eps)
             h_matmul = h.to(self.matmul_dtype)  # once per layer, not once per expert

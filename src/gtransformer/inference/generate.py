@@ -27,7 +27,7 @@ from gtransformer.inference.decode import Decoder, supports_fast_decode
 from gtransformer.inference.int8 import int8_decode_available
 from gtransformer.inference.sampling import SamplingConfig, sample_next
 from gtransformer.inference.stream import TextStream
-from gtransformer.model.model import KVCache
+from gtransformer.model.attention import KVCache
 from gtransformer.model.moe import FEW_TOKENS
 from gtransformer.runtime import intra_op_threads
 

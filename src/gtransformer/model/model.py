@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gtransformer.errors import UserError
+from gtransformer.model.attention import Attention, KVCache
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.feed_forward import DenseFeedForward
 from gtransformer.model.moe import ExpertPathChoice, MoE, expert_params, init_moe_weights
-from gtransformer.model.primitives import apply_rope, rms_norm, rope_tables
+from gtransformer.model.primitives import RMSNorm, rope_tables
 
 
 class ModelOutput(NamedTuple):
@@ -34,45 +35,6 @@ class ModelOutput(NamedTuple):
     loss: torch.Tensor | None  # mean cross entropy over targets != -1, when targets are given
     aux_loss: torch.Tensor  # already-weighted MoE balancing losses (0 when not computed)
     stats: list[dict[str, Any]] | None  # per MoE layer: layer, tokens_per_expert, router_entropy, aux_loss, z_loss
-
-
-class KVCache:
-    """Preallocated keys/values for all layers: (n_layers, B, n_kv_heads, max_len, head_dim) each.
-
-    Written in place as tokens arrive; `length` is a host-side int (no sync to
-    know it). `pad` holds the number of left-padding slots of each row, for
-    batches of prompts of different lengths.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype, pad: torch.Tensor | None = None):
-        if max_len > config.context_length:
-            raise UserError(
-                f"requested {max_len} positions but the model's context_length is {config.context_length}; "
-                f"shorten the prompt or lower max_new_tokens"
-            )
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.resolved_head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = 0
-        self.pad = pad.to(device) if pad is not None else None
-        self.slots = torch.arange(max_len, device=device)
-
-    def mask(self, start: int, n_new: int) -> torch.Tensor | None:
-        """Boolean (B, 1, n_new, start + n_new) mask, or None when plain causal attention is exact."""
-        if self.pad is None and (n_new == 1 or start == 0):
-            return None
-        end = start + n_new
-        keys = self.slots[:end]
-        queries = self.slots[start:end, None]
-        allowed = keys[None, :] <= queries  # causal (n_new, end)
-        allowed = allowed[None, None]
-        if self.pad is not None:
-            allowed = allowed & (keys >= self.pad[:, None])[:, None, None, :]
-            # A padding query sees no real key; letting it see itself keeps its row finite
-            # (an all-masked row is NaN, and NaN values would leak through 0-weights).
-            allowed = allowed | (keys[None, :] == queries)[None, None]
-        return allowed
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -126,65 +88,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         gx = (grad_x * scale.to(grad_x.dtype)) if ctx.needs_input_grad[0] else None
         gw = (grad_w * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return gx, gw, None
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
-        super().__init__()
-        self.layer = layer
-        self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads
-        self.head_dim = config.resolved_head_dim
-        self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if cache is None:
-            if q.device.type == "cpu" and q.dtype == torch.bfloat16 and self.training:
-                # CPU's flash attention runs its backward ~1.4x faster in float32 than in bfloat16
-                # (tiny preset, one thread: 30 vs 42 ms per layer); the projections stay bfloat16.
-                q, k, v = q.float(), k.float(), v.float()
-            # Keys/values keep n_kv_heads; enable_gqa shares them without repeating in memory.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
-        else:
-            start, end = cache.length, cache.length + T
-            cache.k[self.layer, :, :, start:end] = k
-            cache.v[self.layer, :, :, start:end] = v
-            k_all, v_all = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
-            mask = cache.mask(start, T)
-            y = F.scaled_dot_product_attention(
-                q, k_all, v_all, attn_mask=mask, is_causal=mask is None and T > 1,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):

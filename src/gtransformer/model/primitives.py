@@ -1,4 +1,4 @@
-"""The model's math primitives, each written once: RMSNorm, RoPE, SwiGLU.
+"""The model's math primitives, each written once: RMSNorm (and its module), RoPE, SwiGLU.
 
 `model.py` and `moe.py` build the modules from them, and both decoders
 (`inference/decode.py`, `inference/compiled_decode.py`) call the same
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,3 +52,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The SwiGLU activation silu(gate) * up; the down projection follows."""
     return F.silu(gate) * up
+
+
+class RMSNorm(nn.Module):
+    """`rms_norm` as a module with its learnt weight (HF's name: `weight`)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)

@@ -80,26 +80,3 @@ def summarise_moe_stats(stats: Any) -> dict[str, Any]:
     if z:
         out["router_z_loss"] = sum(z) / len(z)
     return out
-
-
-def summarise_moe_stats(stats: Any) -> dict[str, Any]:
-    """Per-layer expert load (fraction of routed tokens) and mean router aux / z losses."""
-    layers = stats if isinstance(stats, (list, tuple)) else []
-    loads, aux, z = [], [], []
-    for layer in layers:
-        if not layer:
-            continue
-        counts = layer["tokens_per_expert"].float()
-        loads.append([round(float(c), 5) for c in (counts / counts.sum().clamp_min(1)).tolist()])
-        if "aux_loss" in layer:
-            aux.append(float(layer["aux_loss"]))
-        if "z_loss" in layer:
-            z.append(float(layer["z_loss"]))
-    out: dict[str, Any] = {}
-    if loads:
-        out["expert_load"] = loads
-    if aux:
-        out["router_aux_loss"] = sum(aux) / len(aux)
-    if z:
-        out["router_z_loss"] = sum(z) / len(z)
-    return out

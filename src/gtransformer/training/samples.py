@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from gtransformer.data.tokenizer import Tokenizer
-from gtransformer.inference.generate import SamplingConfig, generate_text
+from gtransformer.inference.generate import generate_text
+from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.training.config import TrainConfig
 
 

@@ -1,0 +1,146 @@
+"""Grouped Query Attention: the one file that holds attention's math, for training, prefill and decoding.
+
+    Attention (module)      training and the cached prefill: q/k/v projections, optional QK-norm, RoPE,
+                            SDPA over n_kv_heads keys/values (enable_gqa: never repeated in memory)
+    KVCache                 preallocated keys/values of every layer, written in place as tokens arrive
+    visible_keys            which cache slots a query may attend to: causal, after each row's first slot
+                            (left padding); used by the prefill mask and by both decoders (step_mask:
+                            one decoding step's mask, None when every key is visible)
+    decode_attention        one new query per row against the cache: what both decoders in
+                            gtransformer.inference call (SDPA eagerly, fusible reductions when compiled)
+
+A new attention variant (a sliding window, ALiBi, another score function) is written here, once, and
+its option added to `config.ModelConfig`: the model, the prefill and both decoders follow.
+
+Shapes: B rows, T new tokens, H query heads, K key/value heads, G = H / K query heads per key/value head,
+D head dim, S cache slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gtransformer.errors import UserError
+from gtransformer.model.config import ModelConfig
+from gtransformer.model.primitives import RMSNorm, apply_rope
+
+
+def visible_keys(key_slots_S: torch.Tensor, query_slots: torch.Tensor, first_slot_B: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, Q, S) mask: a query at slot q of row b sees key slot s when first_slot[b] <= s <= q.
+
+    query_slots: (Q,) slots shared by every row, or (B, Q) each row's own. first_slot_B: (B,) each row's
+    first real slot (after its left padding), or (1,) for every row. A padding query (q < first_slot)
+    sees itself only: an all-masked row would be NaN, and NaN leaks through 0-weights.
+    """
+    queries = query_slots[None, None, :, None] if query_slots.dim() == 1 else query_slots[:, None, :, None]
+    keys = key_slots_S[None, None, None, :]
+    return ((keys <= queries) & (keys >= first_slot_B[:, None, None, None])) | (keys == queries)
+
+
+def step_mask(key_slots_S: torch.Tensor, slot: int, first_slot_B: torch.Tensor | None) -> torch.Tensor | None:
+    """Mask of one decoding step whose query is at `slot`, over key slots [0, slot]; None when all are visible."""
+    if first_slot_B is None:
+        return None
+    return visible_keys(key_slots_S[: slot + 1], key_slots_S[slot : slot + 1], first_slot_B)
+
+
+def decode_attention(q_BKGD: torch.Tensor, keys_BKSD: torch.Tensor, values_BKSD: torch.Tensor,
+                     visible_B11S: torch.Tensor | None, scale: float, fused: bool = False) -> torch.Tensor:
+    """One query per row and head against the cached keys/values -> (B, K, G, D) in q's dtype (float32 when fused).
+
+    Each K/V head's group of G query heads attends as a short query sequence, so GQA needs no repeated
+    keys/values. visible_B11S: boolean mask (True = attend) or an additive float mask, or None (all visible).
+    fused=True spells the same math as broadcast multiply-and-sum reductions in float32, which
+    torch.compile fuses with the ops around them (the compiled decoder); eagerly one SDPA call is fastest.
+    """
+    if not fused:
+        return F.scaled_dot_product_attention(q_BKGD, keys_BKSD, values_BKSD, attn_mask=visible_B11S, scale=scale)
+    q_BKGD = q_BKGD.float() * scale
+    scores_BKGS = (q_BKGD[:, :, :, None, :] * keys_BKSD[:, :, None, :, :].float()).sum(-1)
+    if visible_B11S is not None:
+        scores_BKGS = scores_BKGS.masked_fill(~visible_B11S, float("-inf"))
+    probs_BKGS = scores_BKGS.softmax(-1)
+    return (probs_BKGS[..., None] * values_BKSD[:, :, None, :, :].float()).sum(-2)
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: (n_layers, B, n_kv_heads, max_len, head_dim) each.
+
+    Written in place as tokens arrive; `length` is a host-side int (no sync to
+    know it). `pad` holds the number of left-padding slots of each row, for
+    batches of prompts of different lengths.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype, pad: torch.Tensor | None = None):
+        if max_len > config.context_length:
+            raise UserError(
+                f"requested {max_len} positions but the model's context_length is {config.context_length}; "
+                f"shorten the prompt or lower max_new_tokens"
+            )
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.resolved_head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+        self.pad = pad.to(device) if pad is not None else None
+        self.slots = torch.arange(max_len, device=device)
+
+    def mask(self, start: int, n_new: int) -> torch.Tensor | None:
+        """Boolean (B, 1, n_new, start + n_new) mask, or None when plain causal attention is exact."""
+        if self.pad is None and (n_new == 1 or start == 0):
+            return None
+        end = start + n_new
+        first = self.pad if self.pad is not None else torch.zeros(1, dtype=torch.long, device=self.slots.device)
+        return visible_keys(self.slots[:end], self.slots[start:end], first)
+
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.resolved_head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            if q.device.type == "cpu" and q.dtype == torch.bfloat16 and self.training:
+                # CPU's flash attention runs its backward ~1.4x faster in float32 than in bfloat16
+                # (tiny preset, one thread: 30 vs 42 ms per layer); the projections stay bfloat16.
+                q, k, v = q.float(), k.float(), v.float()
+            # Keys/values keep n_kv_heads; enable_gqa shares them without repeating in memory.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            start, end = cache.length, cache.length + T
+            cache.k[self.layer, :, :, start:end] = k
+            cache.v[self.layer, :, :, start:end] = v
+            k_all, v_all = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+            mask = cache.mask(start, T)
+            y = F.scaled_dot_product_attention(
+                q, k_all, v_all, attn_mask=mask, is_causal=mask is None and T > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
