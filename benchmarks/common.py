@@ -115,7 +115,7 @@ def build_hf(model_config, experts_implementation: str, device: str):
 
 
 # Our model names in --models: "ours:compiled" runs ours under torch.compile while the others stay
-# eager (training: torch.compile(model); generation: SamplingConfig.compile, compiled in the warm-up).
+# eager (training: torch.compile(model); generation: DecodeOptions.compile, compiled in the warm-up).
 OURS_VARIANTS = ("ours", "ours:compiled")
 
 
