@@ -132,6 +132,8 @@ class Decoder:
         """tokens (B,) go into cache slot `cache.length` -> logits (B, vocab) float32; the cache advances by one.
 
         positions (B,): each row's RoPE position, or None when every row is at `cache.length`.
+        A cache from `KVCache.rows(..., next_slots)` (the engine's continuous batching) takes row b's
+        token into its own slot next_slots[b] instead, with its own mask; pass next_slots as positions.
         """
         w, cache = self.w, self.cache
         slot = cache.length
@@ -140,7 +142,9 @@ class Decoder:
         where = slot if positions is None else positions
         cos, sin = w.rope_cos[where], w.rope_sin[where]  # (H + K, D) or (B, H + K, D), q rows scaled
         x = F.embedding(tokens, w.embed)
-        mask = step_mask(self.slots, slot, self.pad)  # (B, 1, 1, slot + 1) or None: keys are read up to `slot`
+        per_row = cache.next_slots is not None
+        # (B, 1, 1, slot + 1) or None: keys are read up to `slot` (per row: up to the longest row's slot)
+        mask = cache.row_mask if per_row else step_mask(self.slots, slot, self.pad)
         for i, layer in enumerate(w.layers):
             qkv = _matmul(folded_rms_norm(x, w.norm_eps), layer.qkv).to(x.dtype)
             qk = qkv[:, : (H + K) * D].view(B, H + K, D)
@@ -148,10 +152,13 @@ class Decoder:
                 qk = torch.cat((rms_norm(qk[:, :H], layer.q_norm, w.norm_eps),
                                 rms_norm(qk[:, H:], layer.k_norm, w.norm_eps)), 1)
             qk = apply_rope(qk, cos, sin)
-            k_layer, v_layer = self.k_layers[i], self.v_layers[i]
-            k_layer.select(2, slot).copy_(qk[:, H:])
-            v_layer.select(2, slot).copy_(qkv[:, (H + K) * D :].view(B, K, D))
-            keys, values = k_layer.narrow(2, 0, slot + 1), v_layer.narrow(2, 0, slot + 1)
+            if per_row:
+                keys, values, _ = cache.write(i, qk[:, H:, None], qkv[:, (H + K) * D :].view(B, K, 1, D))
+            else:
+                k_layer, v_layer = self.k_layers[i], self.v_layers[i]
+                k_layer.select(2, slot).copy_(qk[:, H:])
+                v_layer.select(2, slot).copy_(qkv[:, (H + K) * D :].view(B, K, D))
+                keys, values = k_layer.narrow(2, 0, slot + 1), v_layer.narrow(2, 0, slot + 1)
             q = qk[:, :H].reshape(B, K, H // K, D)
             y = decode_attention(q, keys, values, mask, scale=1.0).reshape(B, H * D)  # the scale is already in q
             x = _add_matmul_(x, y, layer.o)

@@ -2,7 +2,9 @@
 
     Attention (module)      training and the cached prefill: q/k/v projections, optional QK-norm, RoPE,
                             SDPA over n_kv_heads keys/values (enable_gqa: never repeated in memory)
-    KVCache                 preallocated keys/values of every layer, written in place as tokens arrive
+    KVCache                 preallocated keys/values of every layer, written in place as tokens arrive;
+                            `KVCache.rows` gives a few rows of it with each row at its own slot (the
+                            continuous batching of gtransformer.inference.engine)
     visible_keys            which cache slots a query may attend to: causal, after each row's first slot
                             (left padding); used by the prefill mask and by both decoders (step_mask:
                             one decoding step's mask, None when every key is visible)
@@ -17,6 +19,8 @@ D head dim, S cache slots.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +75,12 @@ class KVCache:
     Written in place as tokens arrive; `length` is a host-side int (no sync to
     know it). `pad` holds the number of left-padding slots of each row, for
     batches of prompts of different lengths.
+
+    Per-row slots (continuous batching): `rows(start, stop, next_slots)` is a view of some rows
+    whose next token goes into each row's own slot, `next_slots[b]`, at RoPE position
+    `next_slots[b]` (no left padding: each row's request starts at slot 0). Such a step
+    writes one token per row (`write`) and row b's query sees its keys [0, next_slots[b]];
+    `length` is then the longest row's length before the step, the bound `GPT.forward` checks.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype, pad: torch.Tensor | None = None):
@@ -86,6 +96,47 @@ class KVCache:
         self.length = 0
         self.pad = pad.to(device) if pad is not None else None
         self.slots = torch.arange(max_len, device=device)
+        self.next_slots: torch.Tensor | None = None  # (B,) per-row slots of the next token, see `rows`
+        self.row_mask: torch.Tensor | None = None  # (B, 1, 1, length + 1): what each row's query sees
+
+    def rows(self, start: int, stop: int, next_slots: list[int] | None = None) -> KVCache:
+        """Rows [start, stop) of this cache, sharing its memory (writes land in this cache).
+
+        next_slots None: an empty view (length 0) to prefill a request into its own rows with
+        `GPT.forward`. Otherwise one slot per row: the next step writes row b's token into slot
+        next_slots[b] and masks its keys beyond it (pass `next_slots` as the position_ids too).
+        """
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.pad = None if self.pad is None else self.pad[start:stop]
+        view.length, view.next_slots, view.row_mask = 0, None, None
+        if next_slots is not None:
+            view.length = max(next_slots)
+            view.next_slots = torch.tensor(next_slots, device=self.slots.device)
+            first = view.pad if view.pad is not None else torch.zeros(1, dtype=torch.long, device=self.slots.device)
+            view.row_mask = visible_keys(self.slots[: view.length + 1], view.next_slots[:, None], first)
+        return view
+
+    def write(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor):
+        """Store T new keys/values of `layer` -> (keys (B, K, S, D), values, mask or None) to attend over.
+
+        Slots [length, length + T) of every row, or, after `rows(..., next_slots)`, one token per
+        row at its own slot. `GPT.forward` advances `length` once all layers are written.
+        """
+        T = k_BKTD.shape[2]
+        if self.next_slots is None:
+            start, end = self.length, self.length + T
+            self.k[layer, :, :, start:end] = k_BKTD
+            self.v[layer, :, :, start:end] = v_BKTD
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.mask(start, T)
+        if T != 1:
+            raise ValueError(f"a step at per-row slots writes one token per row, got {T}")
+        B, K, _, D = k_BKTD.shape
+        index_BK1D = self.next_slots.view(B, 1, 1, 1).expand(B, K, 1, D)
+        end = self.length + 1
+        self.k[layer].scatter_(2, index_BK1D, k_BKTD.to(self.k.dtype))
+        self.v[layer].scatter_(2, index_BK1D, v_BKTD.to(self.v.dtype))
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self.row_mask
 
     def mask(self, start: int, n_new: int) -> torch.Tensor | None:
         """Boolean (B, 1, n_new, start + n_new) mask, or None when plain causal attention is exact."""
@@ -94,7 +145,6 @@ class KVCache:
         end = start + n_new
         first = self.pad if self.pad is not None else torch.zeros(1, dtype=torch.long, device=self.slots.device)
         return visible_keys(self.slots[:end], self.slots[start:end], first)
-
 
 
 class Attention(nn.Module):
@@ -134,11 +184,7 @@ class Attention(nn.Module):
             # Keys/values keep n_kv_heads; enable_gqa shares them without repeating in memory.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            start, end = cache.length, cache.length + T
-            cache.k[self.layer, :, :, start:end] = k
-            cache.v[self.layer, :, :, start:end] = v
-            k_all, v_all = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
-            mask = cache.mask(start, T)
+            k_all, v_all, mask = cache.write(self.layer, k, v)
             y = F.scaled_dot_product_attention(
                 q, k_all, v_all, attn_mask=mask, is_causal=mask is None and T > 1,
                 enable_gqa=self.n_kv_heads != self.n_heads,

@@ -1,0 +1,413 @@
+"""`Engine`: continuous batching for a server, many independent requests decoded together by one thread.
+
+    submit(prompt_ids, sampling) ─► queue (FIFO, at most max_queue waiting) ─► a free slot (at most max_batch)
+      ─► prefill alone: GPT.forward into the slot's own cache row ─► first token; joins the very next step
+    batched step: one token per active slot, each row at its own cache slot and RoPE position
+      (`KVCache.rows(..., next_slots)`), through the eager `Decoder` (CPU, <= FEW_TOKENS rows) or GPT.forward
+      ─► each request samples its own token (its SamplingConfig, generator, seen tokens: `sample_next`)
+      ─► EngineEvent on its EngineRequest (TextStream pieces, logprobs) ─► finished or cancelled: slot freed
+
+Slots are rows 0..n-1 of one KVCache (max_batch rows x context_length slots): a freed row is refilled
+by moving the last active row into it, so every step reads the first n rows as one view. Batching does
+not change results: each row attends only to its own keys (row b sees slots [0, next_slots[b]]), so with
+greedy sampling a request yields what `generate.generate` yields for its prompt alone.
+
+Threads: the model runs only in the engine's background thread. Callers submit, cancel and read events
+from any thread (`for event in request`) or from asyncio (`async for event in request`): nothing here
+blocks an event loop. Logprobs are those of the model's distribution (log-softmax of the raw logits,
+before repetition penalty, temperature and top-k/top-p), as OpenAI reports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gtransformer.errors import UserError
+from gtransformer.inference.decode import Decoder, supports_fast_decode
+from gtransformer.inference.generate import DECODE_DTYPES, SINGLE_THREAD_MAX_PREFILL, DecodeOptions
+from gtransformer.inference.sampling import SamplingConfig, sample_next
+from gtransformer.inference.stream import TextStream
+from gtransformer.model.attention import KVCache
+from gtransformer.model.moe import FEW_TOKENS
+from gtransformer.runtime import intra_op_threads
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(UserError):
+    """max_queue requests already wait for a slot."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float | None  # seconds from submit to the first token (None: no token)
+    total_time: float  # seconds from submit to the end
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """One generated token, or (finish_reason set) the end of a request."""
+
+    token_id: int | None = None  # None on the final event
+    text: str = ""  # the text this token completes (may be empty: a split UTF-8 character, a possible stop string)
+    logprob: float | None = None  # the chosen token's log-probability (when logprobs > 0 was asked)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the N most likely (token id, log-probability)
+    step: int = 0  # how many batched steps the engine had run when this token was produced
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" on the final event
+    usage: Usage | None = None  # on the final event
+    error: str | None = None  # with finish_reason "error"
+
+
+class EngineRequest:
+    """A submitted request: its events, read from one consumer thread or one asyncio task, and `cancel()`."""
+
+    def __init__(self, prompt_ids: list[int], sampling: SamplingConfig, logprobs: int, wake_engine: Callable[[], None]):
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.logprobs = logprobs
+        self.submitted_at = time.perf_counter()
+        self.cancelled = False
+        self.done = False
+        self._wake_engine = wake_engine
+        self._events: deque[EngineEvent] = deque()
+        self._ready = threading.Condition()
+        self._wake_reader: Callable[[], None] | None = None  # set by aiter: wakes the awaiting task
+
+    def cancel(self) -> None:
+        """Stop generating: the engine frees the slot at its next step and sends finish_reason "cancelled"."""
+        self.cancelled = True
+        self._wake_engine()
+
+    def _push(self, event: EngineEvent) -> None:
+        """Called by the engine thread."""
+        with self._ready:
+            self._events.append(event)
+            self.done = self.done or event.finish_reason is not None
+            self._ready.notify_all()
+            wake = self._wake_reader
+        if wake is not None:
+            wake()
+
+    def events(self, timeout: float | None = None) -> Iterator[EngineEvent]:
+        """Block until each event arrives, up to the final one; TimeoutError after `timeout` s without one."""
+        while True:
+            with self._ready:
+                if not self._ready.wait_for(lambda: self._events, timeout):
+                    raise TimeoutError(f"no event from the engine in {timeout} s")
+                event = self._events.popleft()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def __iter__(self) -> Iterator[EngineEvent]:
+        return self.events()
+
+    async def aiter(self) -> AsyncIterator[EngineEvent]:
+        """The events, awaited from asyncio: the engine thread wakes this task with call_soon_threadsafe."""
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(arrived.set)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+        with self._ready:
+            self._wake_reader = wake
+        while True:
+            arrived.clear()  # before looking, so that an event pushed after the look sets it again
+            with self._ready:
+                event = self._events.popleft() if self._events else None
+            if event is None:
+                await arrived.wait()
+                continue
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        return self.aiter()
+
+    def result(self, timeout: float | None = None) -> tuple[list[int], str, EngineEvent]:
+        """Wait for the end: (token ids, text, final event)."""
+        tokens, pieces = [], []
+        for event in self.events(timeout):
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+            pieces.append(event.text)
+        return tokens, "".join(pieces), event
+
+
+class _Slot:
+    """What the engine thread keeps about one active request: sampling state, text, cache length."""
+
+    def __init__(self, request: EngineRequest, tokenizer, vocab_size: int, device):
+        sampling = request.sampling
+        self.request = request
+        self.generator = None
+        if sampling.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        self.seen = None  # (1, V) bool, for the repetition penalty
+        if sampling.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, request.prompt_ids] = True
+        self.stop_ids = set(sampling.stop_token_ids)
+        self.text = TextStream(tokenizer, sampling.stop_strings)
+        self.length = len(request.prompt_ids)  # cache slots written; the next token goes into slot `length`
+        self.next_token = 0
+        self.generated = 0
+        self.first_token_at: float | None = None
+
+
+class Engine:
+    """Decodes up to `max_batch` requests together in one background thread; more wait in a FIFO queue.
+
+    options: how logits are computed (`DecodeOptions`; dtype applies to steps of <= FEW_TOKENS rows,
+    which take the eager `Decoder`, as in `generate`; compile is not supported). Use as a context
+    manager, or call start() and stop(drain=True). Requests submitted before start() wait in the queue.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, options: DecodeOptions | None = None, max_queue: int = 64):
+        options = options or DecodeOptions()
+        options.validate()
+        if options.compile:
+            raise UserError("the engine decodes eagerly (each row at its own cache slot); drop compile")
+        if max_batch < 1 or max_queue < 0:
+            raise UserError(f"max_batch = {max_batch} must be >= 1 and max_queue = {max_queue} >= 0")
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.max_batch, self.max_queue = max_batch, max_queue
+        weight = model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self._cond = threading.Condition()
+        self._queue: deque[EngineRequest] = deque()
+        self._state = "new"  # new -> running -> draining | cancelling -> stopped (or failed)
+        self._thread: threading.Thread | None = None
+        self._slots: list[_Slot] = []  # engine thread only: row i of the cache is slot i's
+        self._steps = 0
+        self._cache: KVCache | None = None
+        self._weights = None  # the eager Decoder's weights, when it runs this model's few-row steps
+
+    # ------------------------------------------------------------------ callers' side
+
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingConfig, logprobs: int = 0) -> EngineRequest:
+        """Queue a request; its events come on the returned EngineRequest. QueueFull when max_queue wait."""
+        sampling = self._checked(list(prompt_ids), sampling, logprobs)
+        request = EngineRequest(list(prompt_ids), sampling, logprobs, self._wake)
+        with self._cond:
+            if self._state not in ("new", "running"):
+                raise UserError(f"the engine is {self._state} and takes no new requests; start a new Engine")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests already wait (max_queue = {self.max_queue}); "
+                                f"retry later or raise max_queue")
+            self._queue.append(request)
+            self._cond.notify_all()
+        return request
+
+    def _checked(self, prompt_ids: list[int], sampling: SamplingConfig, logprobs: int) -> SamplingConfig:
+        sampling.validate()
+        context, vocab = self.model.config.context_length, self.model.config.vocab_size
+        if not prompt_ids:
+            raise UserError("the prompt has no tokens; pass some text or start from the end-of-text token")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise UserError(f"prompt token ids must lie in [0, {vocab}); encode the prompt with the model's tokenizer")
+        total = len(prompt_ids) + sampling.max_new_tokens
+        if total > context:
+            raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) = "
+                            f"{total} exceeds the model's context_length ({context}); shorten the prompt or "
+                            f"lower max_new_tokens")
+        if not 0 <= logprobs <= vocab:
+            raise UserError(f"logprobs = {logprobs} must lie in [0, {vocab}]")
+        if not sampling.stop_token_ids:  # the tokenizer's end-of-text, as `generate.stream` does
+            sampling = dataclasses.replace(sampling, stop_token_ids=(self.tokenizer.eot_id,))
+        return sampling
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def start(self) -> Engine:
+        with self._cond:
+            if self._state != "new":
+                raise UserError(f"the engine is {self._state}; an Engine starts once")
+            self._state = "running"
+        self._cache = KVCache(self.model.config, self.max_batch, self.model.config.context_length,
+                              self.device, self.dtype)
+        if supports_fast_decode(self.model, 1):
+            self._weights = Decoder.prepared_weights(self.model, DECODE_DTYPES[self.options.dtype])
+        self._thread = threading.Thread(target=self._run, name="gtransformer-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """drain=True: finish every accepted request (refusing new ones); False: cancel them. Then join."""
+        with self._cond:
+            if self._state == "new":
+                self._state = "draining" if drain else "cancelling"
+                self._fail_waiting("cancelled", None)
+                self._state = "stopped"
+                return
+            if self._state == "running":
+                self._state = "draining" if drain else "cancelling"
+            elif self._state == "draining" and not drain:
+                self._state = "cancelling"
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(drain=exc[0] is None)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                while self._round():
+                    pass
+        except Exception as exc:  # report it on every request instead of hanging their readers
+            log.exception("the engine thread failed")
+            with self._cond:
+                self._state = "failed"
+                self._fail_waiting("error", f"{type(exc).__name__}: {exc}")
+        finally:
+            self.model.train(was_training)
+            with self._cond:
+                if self._state != "failed":
+                    self._state = "stopped"
+
+    def _fail_waiting(self, reason: str, error: str | None) -> None:
+        """End every queued and active request (called with the lock held)."""
+        for request in list(self._queue) + [slot.request for slot in self._slots]:
+            request._push(EngineEvent(finish_reason=reason, error=error, usage=self._usage(request, None, 0)))
+        self._queue.clear()
+        self._slots.clear()
+
+    def _round(self) -> bool:
+        """Admit waiting requests into free slots (prefilling each), then one batched step. False: stop."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue or self._slots or self._state != "running")
+            if self._state == "cancelling":
+                self._fail_waiting("cancelled", None)
+                return False
+            for request in [r for r in self._queue if r.cancelled]:
+                self._queue.remove(request)
+                request._push(EngineEvent(finish_reason="cancelled", usage=self._usage(request, None, 0)))
+            admitted = []
+            while self._queue and len(self._slots) + len(admitted) < self.max_batch:
+                admitted.append(self._queue.popleft())
+            if not admitted and not self._slots:
+                return self._state == "running"
+        self._free([row for row, slot in enumerate(self._slots) if slot.request.cancelled], "cancelled")
+        for request in admitted:
+            self._prefill(request)
+        if self._slots:
+            self._batched_step()
+        return True
+
+    def _prefill(self, request: EngineRequest) -> None:
+        """Run the prompt alone through GPT.forward into the next free cache row; sample its first token."""
+        if request.cancelled or request.sampling.max_new_tokens == 0:
+            reason = "cancelled" if request.cancelled else "length"
+            request._push(EngineEvent(finish_reason=reason, usage=self._usage(request, None, 0)))
+            return
+        row = len(self._slots)
+        slot = _Slot(request, self.tokenizer, self.model.config.vocab_size, self.device)
+        self._slots.append(slot)
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        threads = self._threads(1) if len(request.prompt_ids) <= SINGLE_THREAD_MAX_PREFILL else None
+        with intra_op_threads(threads):
+            logits = self.model(ids, cache=self._cache.rows(row, row + 1), last_logits_only=True).logits[:, -1]
+            keep = self._take(slot, logits.float())
+        if not keep:
+            self._free([row])
+
+    def _batched_step(self) -> None:
+        """One token for every active slot, each row at its own cache slot."""
+        slots = self._slots
+        tokens = torch.tensor([slot.next_token for slot in slots], device=self.device)
+        view = self._cache.rows(0, len(slots), [slot.length for slot in slots])
+        with intra_op_threads(self._threads(len(slots))):
+            if self._weights is not None and len(slots) <= FEW_TOKENS:
+                logits = Decoder(self._weights, view, None).step(tokens, view.next_slots)
+            else:
+                logits = self.model(tokens[:, None], cache=view, position_ids=view.next_slots[:, None]).logits[:, -1]
+            self._steps += 1
+            finished = []
+            for row, slot in enumerate(slots):
+                slot.length += 1
+                if not self._take(slot, logits[row : row + 1].float()):
+                    finished.append(row)
+        self._free(finished)
+
+    def _threads(self, rows: int) -> int | None:
+        few = self.options.single_thread_steps and self.device.type == "cpu" and rows <= FEW_TOKENS
+        return 1 if few else None
+
+    def _take(self, slot: _Slot, logits_1V: torch.Tensor) -> bool:
+        """Sample the slot's next token and send it; False when the request has finished."""
+        request, sampling = slot.request, slot.request.sampling
+        token = int(sample_next(logits_1V, sampling, slot.generator, slot.seen)[0])
+        if token in slot.stop_ids:
+            self._finish(slot, "stop", slot.text.finish())
+            return False
+        now = time.perf_counter()
+        slot.first_token_at = slot.first_token_at or now
+        slot.generated += 1
+        logprob, top = None, ()
+        if request.logprobs:
+            logprobs_V = torch.log_softmax(logits_1V[0], dim=-1)
+            values, ids = torch.topk(logprobs_V, request.logprobs)
+            logprob, top = float(logprobs_V[token]), tuple(zip(ids.tolist(), values.tolist()))
+        request._push(EngineEvent(token, slot.text.feed(token), logprob, top, self._steps))
+        if slot.text.stopped:
+            self._finish(slot, "stop", "")
+            return False
+        if slot.generated >= sampling.max_new_tokens:
+            self._finish(slot, "length", slot.text.finish())
+            return False
+        if slot.seen is not None:
+            slot.seen[0, token] = True
+        slot.next_token = token
+        return True
+
+    def _finish(self, slot: _Slot, reason: str, text: str) -> None:
+        usage = self._usage(slot.request, slot.first_token_at, slot.generated)
+        slot.request._push(EngineEvent(text=text, step=self._steps, finish_reason=reason, usage=usage))
+
+    @staticmethod
+    def _usage(request: EngineRequest, first_token_at: float | None, generated: int) -> Usage:
+        start = request.submitted_at
+        ttft = None if first_token_at is None else first_token_at - start
+        return Usage(len(request.prompt_ids), generated, ttft, time.perf_counter() - start)
+
+    def _free(self, rows: list[int], reason: str | None = None) -> None:
+        """Free these slots (ending their requests with `reason` if given): the last active row moves in."""
+        for row in sorted(rows, reverse=True):
+            slot = self._slots[row]
+            if reason is not None:
+                self._finish(slot, reason, "")
+            last = self._slots.pop()
+            if row < len(self._slots):
+                n = last.length
+                self._cache.k[:, row, :, :n] = self._cache.k[:, len(self._slots), :, :n]
+                self._cache.v[:, row, :, :n] = self._cache.v[:, len(self._slots), :, :n]
+                self._slots[row] = last
