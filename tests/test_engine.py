@@ -7,6 +7,7 @@ import torch
 
 from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.errors import UserError
+from gtransformer.inference import engine as engine_module
 from gtransformer.inference.engine import Engine, QueueFull
 from gtransformer.inference.generate import generate
 from gtransformer.inference.sampling import SamplingConfig
@@ -69,9 +70,12 @@ def test_per_row_cache_step_equals_full_recompute(model):
             torch.testing.assert_close(logits[row], full, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("max_batch", [1, 3, 8])  # one row, the eager Decoder (<= 4 rows), GPT.forward (> 4)
-def test_concurrent_requests_equal_generate_alone(model, tokenizer, max_batch):
-    sampling = greedy()
+@pytest.mark.parametrize("max_batch", [1, 3, 8])
+@pytest.mark.parametrize("path", ["decoder", "forward"])  # CPU steps take the eager Decoder; GPUs GPT.forward
+def test_concurrent_requests_equal_generate_alone(model, tokenizer, max_batch, path, monkeypatch):
+    if path == "forward":
+        monkeypatch.setattr(engine_module, "supports_fast_decode", lambda model, batch: False)
+    sampling = greedy(repetition_penalty=1.3) if max_batch == 3 else greedy()
     with Engine(model, tokenizer, max_batch=max_batch) as engine:
         requests = [engine.submit(p, sampling) for p in PROMPTS]
         results = [r.result(timeout=WAIT) for r in requests]
