@@ -140,7 +140,8 @@ def test_cancel_midway_keeps_the_other_rows_exact(model, tokenizer):
 
 def test_queue_full_and_user_errors(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=1, max_queue=2)
-    queued = [engine.submit(PROMPTS[0], greedy(4)) for _ in range(2)]
+    # Room for one request per free slot plus max_queue waiting ones: 1 + 2.
+    queued = [engine.submit(PROMPTS[0], greedy(4)) for _ in range(3)]
     with pytest.raises(QueueFull, match="max_queue"):
         engine.submit(PROMPTS[0], greedy(4))
     assert issubclass(QueueFull, UserError)

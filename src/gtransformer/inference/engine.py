@@ -199,7 +199,8 @@ class Engine:
         with self._cond:
             if self._state not in ("new", "running"):
                 raise UserError(f"the engine is {self._state} and takes no new requests; start a new Engine")
-            if len(self._queue) >= self.max_queue:
+            # A request waits only once every slot is taken: free slots count as room in the queue.
+            if len(self._queue) >= self.max_queue + max(self.max_batch - len(self._slots), 0):
                 raise QueueFull(f"{len(self._queue)} requests already wait (max_queue = {self.max_queue}); "
                                 f"retry later or raise max_queue")
             self._queue.append(request)
@@ -227,6 +228,12 @@ class Engine:
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def load(self) -> tuple[int, int]:
+        """(requests waiting for a slot, requests being decoded), for metrics; a snapshot, read under the lock."""
+        with self._cond:
+            return len(self._queue), len(self._slots)
+
     def start(self) -> Engine:
         with self._cond:
             if self._state != "new":
