@@ -8,7 +8,7 @@ import pytest
 
 from gtransformer.cli import build_parser, main
 
-COMMANDS = ["download", "prepare", "train", "eval", "generate", "report", "export"]
+COMMANDS = ["download", "prepare", "train", "eval", "generate", "serve", "report", "export"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

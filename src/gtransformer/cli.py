@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "gtransformer.commands.train",
     "gtransformer.commands.eval",
     "gtransformer.commands.generate",
+    "gtransformer.commands.serve",
     "gtransformer.commands.report",
     "gtransformer.commands.export",
 ]

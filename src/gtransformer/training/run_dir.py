@@ -4,6 +4,7 @@
     DIR/tokenizer.json       a copy of the corpus's tokenizer
     DIR/metrics.jsonl        one JSON row per log step ("kind": "train") and evaluation ("kind": "eval")
     DIR/samples.jsonl        one JSON row per sample: step, tokens, prompt, text
+    DIR/chat_template.json   how chat messages become a prompt when the run is served (inference/chat.py)
     DIR/tensorboard/         TensorBoard events (when tensorboard is installed)
     DIR/checkpoints/step-XXXXXXX/{model.safetensors, state.pt, meta.json}
     DIR/report.md, *.png     written by `gtransformer report`
@@ -91,6 +92,10 @@ class RunDir:
     @property
     def samples_path(self) -> Path:
         return self.path / "samples.jsonl"
+
+    @property
+    def chat_template_path(self) -> Path:
+        return self.path / "chat_template.json"  # how `serve` renders chat messages (inference/chat.py)
 
     @property
     def tensorboard_dir(self) -> Path:

@@ -34,6 +34,7 @@ from gtransformer.config import from_dict
 from gtransformer.data.corpus import PreparedCorpus
 from gtransformer.data.windows import WindowLoader
 from gtransformer.errors import UserError
+from gtransformer.inference import chat
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
 from gtransformer.runtime import (
@@ -96,6 +97,8 @@ class Trainer:
         if self.dist.is_main:
             self.run.write_config(self.resolved_tables())
             shutil.copyfile(self.corpus.tokenizer_path, self.run.tokenizer_path)
+            if not self.run.chat_template_path.is_file():  # a resumed run keeps the template it was given
+                chat.DEFAULT.save(self.run.chat_template_path)
             if self.resume_from is None:  # rows of an earlier attempt that never reached a checkpoint are redone
                 self.run.truncate_logs(0)
 
