@@ -6,8 +6,13 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,7 @@ from gtransformer.inference.generate import DecodeOptions, generate
 from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
+from gtransformer.training.checkpoint import save_checkpoint
 
 REAL_MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "gutenberg-mirror"
 
@@ -233,3 +239,49 @@ def make_model_fixture():
 def record_step_logits_fixture():
     """record_step_logits(model, prompts, n_new, **decode_options) -> (tokens, logits of each step)."""
     return record_step_logits
+
+
+# --- a run folder and a `gtransformer serve` subprocess ---------------------------------------------------
+
+KEY = "test-key-0123456789"  # the API key the served tests use (never a real one)
+RUN_TEXT = (
+    "O coração da nação bateu mais forte. Ação e reação, é só o começo: ótimo, avó, maçã, pão. "
+    "Não há razão para não ler Machado de Assis e Eça de Queirós à noite. "
+) * 3
+
+
+def make_run(folder: Path, **model_overrides) -> Path:
+    """A run folder (one checkpoint, tokenizer.json) holding make_model's seeded random model."""
+    tokenizer = Tokenizer.train_bpe([RUN_TEXT], vocab_size=300, min_frequency=1)
+    model = make_model(vocab_size=tokenizer.vocab_size, **model_overrides)
+    save_checkpoint(folder, 1, model.state_dict(), {}, {"config": {"model": model.config.to_dict()}})
+    tokenizer.save(folder / "tokenizer.json")
+    return folder
+
+
+@pytest.fixture(scope="session", name="make_run")
+def make_run_fixture():
+    """make_run(folder, **ModelConfig overrides) -> a run folder that eval, generate and serve load."""
+    return make_run
+
+
+def start_server(run: Path, *extra: str, env_key: str | None = KEY) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GT_TEST_KEY": env_key or ""}
+    command = [sys.executable, "-m", "gtransformer", "serve", str(run), "--port", "0", "--device", "cpu", *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if "listening on" in line:
+            return process, line.split("listening on ")[1].split()[0]
+        if process.poll() is not None:
+            raise AssertionError(f"serve exited: {process.stderr.read()[-2000:]}")
+    process.kill()
+    raise AssertionError("serve did not say where it listens within 90 s")
+
+
+def stop_server(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err[-2000:]
+    return err

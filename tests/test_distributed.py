@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from gtransformer.config import to_toml
+from gtransformer.training.config import TrainConfig
+from gtransformer.training.samples import generate_samples
 from gtransformer.training.trainer import train
 
 
@@ -30,6 +32,10 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in rows if r["kind"] == "train"]
 
 
+def samples(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, make_corpus, tiny_tables):
     folder = tmp_path_factory.mktemp("dist")
@@ -45,12 +51,13 @@ def setup(tmp_path_factory, make_corpus, tiny_tables):
 
 def test_two_processes_match_one_with_the_same_global_batch(setup):
     folder, config, reference, single = setup
-    result = torchrun(config, folder / "ddp")
+    result = torchrun(config, folder / "ddp", "--set", 'train.sample_prompts=["Era uma"]', "--set", "train.sample_tokens=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(folder / "ddp") == pytest.approx(reference, abs=1e-5)
-    # Only rank 0 wrote: one row per step, one checkpoint folder.
+    # Only rank 0 wrote: one row per step, one checkpoint folder, one sample at the final evaluation.
     assert len(losses(folder / "ddp")) == 5
     assert [p.name for p in (folder / "ddp" / "checkpoints").iterdir()] == ["step-0000005"]
+    assert [(s["step"], s["prompt"]) for s in samples(folder / "ddp")] == [(5, "Era uma")]
 
 
 def test_fsdp2_interrupted_and_resumed_matches_one_process(setup):
@@ -59,11 +66,18 @@ def test_fsdp2_interrupted_and_resumed_matches_one_process(setup):
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(losses(folder / "fsdp")) == 3
     # Resuming gathers nothing by hand: full weights and optimizer state are resharded on load.
-    result = torchrun(config, folder / "fsdp", "--set", "train.fsdp=true", "--resume")
+    result = torchrun(config, folder / "fsdp", "--set", "train.fsdp=true", "--resume",
+                      "--set", 'train.sample_prompts=["Era uma"]', "--set", "train.sample_tokens=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(folder / "fsdp") == pytest.approx(reference, abs=1e-5)
+    # Samples under sharding: every rank gathers the weights, rank 0 samples with a full copy.
+    assert [(s["step"], s["prompt"]) for s in samples(folder / "fsdp")] == [(5, "Era uma")]
     # Its checkpoint holds full (unsharded) weights that a single process can load.
     from gtransformer.training.checkpoint import load_for_inference
 
-    model, _, meta = load_for_inference(folder / "fsdp")
+    model, tokenizer, meta = load_for_inference(folder / "fsdp")
     assert meta["step"] == 5 and model.num_params() > 0
+    # The sample came from those same weights, gathered.
+    sampling = TrainConfig(sample_prompts=["Era uma"], sample_tokens=4)
+    assert generate_samples(model, tokenizer, sampling, model.config.context_length) == [
+        {"prompt": s["prompt"], "text": s["text"]} for s in samples(folder / "fsdp")]

@@ -1,6 +1,10 @@
 """Generation: cached logits equal a full recompute, sampling, stop rules, streaming text, the CLI."""
 
 import argparse
+import json
+import os
+import signal
+import subprocess
 import dataclasses
 import functools
 import sys
@@ -13,7 +17,7 @@ from torch import nn
 
 from gtransformer.commands import generate as generate_command
 from gtransformer.inference import generate as generate_module
-from gtransformer.training.checkpoint import save_checkpoint
+from gtransformer.training.checkpoint import load_for_inference, save_checkpoint
 from gtransformer.errors import UserError
 from gtransformer.inference.decode import Decoder
 from gtransformer.inference.decode_weights import (
@@ -413,3 +417,48 @@ def test_generate_command_streams_text_from_a_run_folder(tokenizer, tmp_path, ca
     assert run_command(args[:2] + ["--max-new-tokens", "500"]) == 2
     assert "context_length" in capsys.readouterr().err
     assert run_command(["generate", str(tmp_path / "missing")]) == 2
+
+
+def gtransformer(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gtransformer", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def test_prompt_from_standard_input_and_a_prompts_file(tmp_path, make_run):
+    run = make_run(tmp_path / "run", context_length=128)
+    piped = gtransformer("generate", str(run), "--max-new-tokens", "6", "--seed", "1", input="Era uma vez")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith("Era uma vez") and len(piped.stdout) > len("Era uma vez\n")
+    assert "tokens/s" in piped.stderr
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Era uma vez\n\nO coração\nNão há razão\n", encoding="utf-8")
+    batch = gtransformer("generate", str(run), "--prompts", str(prompts), "--max-new-tokens", "5",
+                         "--temperature", "0", "--repetition-penalty", "1", stdin=subprocess.DEVNULL)
+    assert batch.returncode == 0, batch.stderr
+    rows = [json.loads(line) for line in batch.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["Era uma vez", "O coração", "Não há razão"]
+    model, tokenizer, _ = load_for_inference(run)
+    alone = generate_text(model, tokenizer, ["O coração"], SamplingConfig(max_new_tokens=5, temperature=0))
+    assert rows[1]["text"] == alone[0]  # the batch decodes each prompt as it would alone
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n", encoding="utf-8")
+    refused = gtransformer("generate", str(run), "--prompts", str(empty), stdin=subprocess.DEVNULL)
+    assert refused.returncode == 2 and "no prompt" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_interactive_loop_survives_ctrl_c_during_a_generation(tmp_path, make_run):
+    # Wide enough that 400 tokens take a few seconds: Ctrl-C lands mid-generation.
+    run = make_run(tmp_path / "run", context_length=512, d_model=128, n_layers=4, expert_hidden=256)
+    process = subprocess.Popen([sys.executable, "-m", "gtransformer", "generate", str(run), "--interactive",
+                                "--max-new-tokens", "400", "--seed", "1"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process.stdin.write("Era uma vez\n")
+    process.stdin.flush()
+    assert process.stdout.read(len("> Era uma vez")) == "> Era uma vez"
+    process.stdout.read(3)  # a few characters of the continuation have streamed
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate("O coração\n", timeout=120)
+    assert process.returncode == 0, err
+    assert "[interrompido]" in out and "O coração" in out
+    assert err.count("tokens/s") == 2 and "Traceback" not in err

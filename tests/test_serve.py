@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,52 +10,20 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import KEY, start_server, stop_server
 
-from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.inference.generate import generate_text
 from gtransformer.inference.sampling import SamplingConfig
-from gtransformer.training.checkpoint import load_for_inference, save_checkpoint
+from gtransformer.training.checkpoint import load_for_inference
 
-KEY = "test-key-0123456789"
-TEXT = (
-    "O coração da nação bateu mais forte. Ação e reação, é só o começo: ótimo, avó, maçã, pão. "
-    "Não há razão para não ler Machado de Assis e Eça de Queirós à noite. "
-) * 3
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 pytestmark = pytest.mark.slow
 
 
-def start_server(run: Path, *extra: str, env_key: str | None = KEY) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GT_TEST_KEY": env_key or ""}
-    command = [sys.executable, "-m", "gtransformer", "serve", str(run), "--port", "0", "--device", "cpu", *extra]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if "listening on" in line:
-            return process, line.split("listening on ")[1].split()[0]
-        if process.poll() is not None:
-            raise AssertionError(f"serve exited: {process.stderr.read()[-2000:]}")
-    process.kill()
-    raise AssertionError("serve did not say where it listens within 90 s")
-
-
-def stop_server(process: subprocess.Popen) -> str:
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 0, err[-2000:]
-    return err
-
-
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory, make_model) -> Path:
-    tokenizer = Tokenizer.train_bpe([TEXT], vocab_size=300, min_frequency=1)
-    model = make_model(vocab_size=tokenizer.vocab_size, context_length=128)
-    run = tmp_path_factory.mktemp("serve") / "run"
-    save_checkpoint(run, 1, model.state_dict(), {}, {"config": {"model": model.config.to_dict()}})
-    tokenizer.save(run / "tokenizer.json")
-    return run
+def run_folder(tmp_path_factory, make_run) -> Path:
+    return make_run(tmp_path_factory.mktemp("serve") / "run", context_length=128)
 
 
 @pytest.fixture(scope="module")

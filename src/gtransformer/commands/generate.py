@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+try:
+    import readline  # noqa: F401  (input() gains line editing and history; absent on Windows)
+except ImportError:
+    readline = None
 from pathlib import Path
 
 from gtransformer.errors import UserError
-from gtransformer.inference.generate import DecodeOptions, generate_text, prompt_ids, stream
+from gtransformer.inference.generate import DecodeOptions, GenerationStats, generate_text, prompt_ids, stream
 from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.runtime import pick_device
 from gtransformer.training.checkpoint import load_for_inference
@@ -20,8 +26,14 @@ def register(subparsers) -> None:
         description="Continue a prompt with a trained model (KV cache, streaming output).",
     )
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (newest checkpoint) or a checkpoint folder")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead of --prompt")
+    parser.add_argument("--prompt", help="text to continue (default: piped standard input, else a new document)")
+    parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (- = standard input)")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="one prompt per line of this UTF-8 file, decoded as one batch; one JSON line per "
+                        "prompt ({\"prompt\", \"text\"}) on standard output")
+    parser.add_argument("--interactive", action="store_true",
+                        help="a prompt loop with history: the model is loaded once; Ctrl-C stops the current "
+                        "generation, Ctrl-D quits")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = all (default 50)")
@@ -50,18 +62,83 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_generate, quiet_logging=True)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    prompt = args.prompt
-    if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise UserError(f"--prompt-file {path} not found")
+def read_prompt(args: argparse.Namespace) -> str:
+    """--prompt, else --prompt-file (`-` = standard input), else piped standard input, else "" (a new document)."""
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-" or (args.prompt_file is None and not sys.stdin.isatty()):
         try:
-            prompt = path.read_text(encoding="utf-8")
+            return sys.stdin.read()
         except UnicodeDecodeError:
-            raise UserError(f"--prompt-file {path} is not UTF-8 text; save it as UTF-8") from None
+            raise UserError("standard input is not UTF-8 text; pipe UTF-8 text or use --prompt") from None
+        except OSError:  # no readable standard input (a closed or captured one): start a new document
+            return ""
+    if args.prompt_file:
+        return read_utf8(Path(args.prompt_file), "--prompt-file")
+    return ""
+
+
+def read_utf8(path: Path, option: str) -> str:
+    if not path.is_file():
+        raise UserError(f"{option} {path} not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{option} {path} is not UTF-8 text; save it as UTF-8") from None
+
+
+def check_fits(tokenizer, context_length: int, prompts: list[str], max_new_tokens: int) -> None:
+    longest = max(len(prompt_ids(tokenizer, p)) for p in prompts)
+    if longest + max_new_tokens > context_length:
+        raise UserError(
+            f"prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
+            f"context_length ({context_length}); shorten the prompt or lower --max-new-tokens"
+        )
+
+
+def report_speed(stats: GenerationStats) -> None:
+    print(f"[{stats.tokens} tokens in {stats.seconds:.2f} s, {stats.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+
+
+def interactive(model, tokenizer, sampling: SamplingConfig, options: DecodeOptions) -> int:
+    """A prompt loop: each line is continued as it streams; Ctrl-C stops that generation, Ctrl-D or an empty
+    Ctrl-C at the prompt ends the session. The model stays loaded; readline keeps the history."""
+    print("gtransformer generate --interactive: type a prompt and press Enter (Ctrl-C stops a generation, "
+          "Ctrl-D quits)", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not prompt.strip():
+            continue
+        try:
+            check_fits(tokenizer, model.config.context_length, [prompt], sampling.max_new_tokens)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        stats = GenerationStats()
+        sys.stdout.write(prompt)
+        try:
+            for piece in stream(model, tokenizer, prompt, sampling, options, stats):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [interrompido]")
+        sys.stdout.write("\n")
+        report_speed(stats)
+
+
+def run_generate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise UserError(f"--num-samples {args.num_samples} must be >= 1")
+    batch = None
+    if args.prompts:
+        batch = [line for line in read_utf8(Path(args.prompts), "--prompts").splitlines() if line.strip()]
+        if not batch:
+            raise UserError(f"--prompts {args.prompts} has no prompt (one per line)")
+    prompt = "" if batch is not None or args.interactive else read_prompt(args)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -76,24 +153,28 @@ def run_generate(args: argparse.Namespace) -> int:
     options = DecodeOptions(dtype=args.decode_dtype, compile=args.compile, single_thread_steps=True)
     options.validate()
     model, tokenizer, _ = load_for_inference(args.run, device=pick_device(args.device))
-    prompt_len = len(prompt_ids(tokenizer, prompt))
-    if prompt_len + sampling.max_new_tokens > model.config.context_length:
-        raise UserError(
-            f"prompt ({prompt_len} tokens) + --max-new-tokens {sampling.max_new_tokens} exceeds the model's "
-            f"context_length ({model.config.context_length}); shorten the prompt or lower --max-new-tokens"
-        )
-    out = sys.stdout
-    if args.num_samples == 1 and not args.no_stream:
+    if args.interactive:
+        return interactive(model, tokenizer, sampling, options)
+    prompts = batch if batch is not None else [prompt] * args.num_samples
+    check_fits(tokenizer, model.config.context_length, prompts, sampling.max_new_tokens)
+    out, stats = sys.stdout, GenerationStats()
+    if batch is not None:  # one JSON line per prompt, decoded as one batch
+        texts = generate_text(model, tokenizer, batch, sampling, options, stats)
+        for line_prompt, text in zip(batch, texts):
+            out.write(json.dumps({"prompt": line_prompt, "text": text}, ensure_ascii=False) + "\n")
+    elif args.num_samples == 1 and not args.no_stream:
         out.write(prompt)
         out.flush()
-        for piece in stream(model, tokenizer, prompt, sampling, options):
+        for piece in stream(model, tokenizer, prompt, sampling, options, stats):
             out.write(piece)
             out.flush()
         out.write("\n")
-        return 0
-    texts = generate_text(model, tokenizer, [prompt] * args.num_samples, sampling, options)
-    for i, text in enumerate(texts):
-        if args.num_samples > 1:
-            out.write(f"--- sample {i + 1} ---\n")
-        out.write(prompt + text + "\n")
+    else:
+        texts = generate_text(model, tokenizer, prompts, sampling, options, stats)
+        for i, text in enumerate(texts):
+            if args.num_samples > 1:
+                out.write(f"--- sample {i + 1} ---\n")
+            out.write(prompt + text + "\n")
+    out.flush()
+    report_speed(stats)
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -207,8 +208,25 @@ def _with_default_stops(tokenizer, sampling: SamplingConfig) -> SamplingConfig:
     return dataclasses.replace(sampling, stop_token_ids=(tokenizer.eot_id,))
 
 
-def stream(model, tokenizer, prompt: str, sampling: SamplingConfig,
-           options: DecodeOptions | None = None) -> Iterator[str]:
+@dataclass
+class GenerationStats:
+    """Filled in by `stream` / `generate_text` when passed one: generated tokens and the seconds they took."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    _started: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.seconds = time.perf_counter() - self._started
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def stream(model, tokenizer, prompt: str, sampling: SamplingConfig, options: DecodeOptions | None = None,
+           stats: GenerationStats | None = None) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, as soon as each is decided.
 
     Stops at the end-of-text token (unless other stop ids are given), at a
@@ -219,6 +237,8 @@ def stream(model, tokenizer, prompt: str, sampling: SamplingConfig,
     for (token,) in iter_tokens(model, [prompt_ids(tokenizer, prompt)], sampling, options):
         if token < 0:
             break
+        if stats is not None:
+            stats.count(1)
         piece = text.feed(token)
         if piece:
             yield piece
@@ -230,15 +250,17 @@ def stream(model, tokenizer, prompt: str, sampling: SamplingConfig,
 
 
 def generate_text(model, tokenizer, prompts: Sequence[str], sampling: SamplingConfig,
-                  options: DecodeOptions | None = None) -> list[str]:
+                  options: DecodeOptions | None = None, stats: GenerationStats | None = None) -> list[str]:
     """Continuations of several prompts, generated as one batch."""
     sampling = _with_default_stops(tokenizer, sampling)
     streams = [TextStream(tokenizer, sampling.stop_strings) for _ in prompts]
     pieces: list[list[str]] = [[] for _ in prompts]
     for ids in iter_tokens(model, [prompt_ids(tokenizer, p) for p in prompts], sampling, options):
         for row, token in enumerate(ids):
-            if token >= 0:
+            if token >= 0 and not streams[row].stopped:
                 pieces[row].append(streams[row].feed(token))
+                if stats is not None:
+                    stats.count(1)
         if all(s.stopped or t < 0 for s, t in zip(streams, ids)):
             break
     return ["".join(p) + s.finish() for p, s in zip(pieces, streams)]

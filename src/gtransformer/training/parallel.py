@@ -7,8 +7,8 @@ Every question that depends on the strategy is answered here, once:
 - `model_state()` / `optimizer_state()`: full, unsharded state dicts for a checkpoint (collectives under
   FSDP: every rank calls them);
 - `load_model_state(state)` / `load_optimizer_state(state)`: full state dicts into the (sharded) model;
-- `can_sample`: whether fixed-prompt samples can run (not on FSDP-sharded parameters: the decoders read
-  whole weights; generate from the checkpoint instead).
+- `sampling_model()`: the model the main process samples with (under FSDP an unsharded copy of the
+  gathered weights: the decoders read whole weights, outside any forward hook).
 
 FSDP is active only under torchrun (`Distributed.enabled`) with `train.fsdp = true`; alone, a run with
 `train.fsdp = true` trains (and samples) as a plain single-process run.
@@ -54,9 +54,19 @@ class Parallel:
     def name(self) -> str:
         return "FSDP2" if self.fsdp else "DDP" if self.ddp else "single process"
 
-    @property
-    def can_sample(self) -> bool:
-        return not self.fsdp
+    def sampling_model(self) -> GPT | None:
+        """The model to sample with on the main process; None on the others (collective under FSDP)."""
+        if not self.fsdp:
+            return self.model if self.dist.is_main else None
+        weights = self.model_state()  # every rank takes part in gathering
+        if not self.dist.is_main:
+            return None
+        with torch.random.fork_rng(devices=[]):  # building the copy must not move the run's RNG
+            copy = GPT(self.model.config)
+        missing, unexpected = copy.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:  # tied weights appear once
+            raise RuntimeError(f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        return copy.to(self.device)
 
     def wrap(self, model: GPT, build_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> None:
         """Apply the strategy to `model` and build its optimizer (over the sharded parameters under FSDP)."""

@@ -130,9 +130,6 @@ class Trainer:
         self._session_start: float | None = None  # perf_counter at this session's first step
         self.elapsed = 0.0  # training wall time of the run after the last step, earlier sessions included
         self._window_start, self._window_tokens = time.perf_counter(), 0  # tokens/s since the last log row
-        if config.sample_prompts and not self.parallel.can_sample and self.dist.is_main:
-            log.info("no samples during training under FSDP (the decoders need whole weights); "
-                     "generate from a checkpoint with `gtransformer generate`")
 
     def resolved_tables(self) -> dict[str, dict[str, Any]]:
         return {"model": dataclasses.asdict(self.model_config), "train": dataclasses.asdict(self.config),
@@ -270,14 +267,14 @@ class Trainer:
         row = {"kind": "eval", "step": self.state.step, "tokens": self.state.tokens_seen, "elapsed_s": self.elapsed,
                **{f"val_{k}": v for k, v in result.items()}}
         self.metrics.write(row)
-        if self.config.sample_prompts and self.parallel.can_sample:
-            samples = generate_samples(self.model, self.tokenizer, self.config, self.model_config.context_length)
-            if self.dist.is_main:
-                self.run.append_samples([{"step": self.state.step, "tokens": self.state.tokens_seen, **sample}
-                                         for sample in samples])
-                for sample in samples:
-                    text = (sample["prompt"] + sample["text"]).replace("\n", " ⏎ ")
-                    log.info("sample @%d | %s", self.state.step, text)
+        sampler = self.parallel.sampling_model() if self.config.sample_prompts else None
+        if sampler is not None:  # the main process only
+            samples = generate_samples(sampler, self.tokenizer, self.config, self.model_config.context_length)
+            self.run.append_samples([{"step": self.state.step, "tokens": self.state.tokens_seen, **sample}
+                                     for sample in samples])
+            for sample in samples:
+                text = (sample["prompt"] + sample["text"]).replace("\n", " ⏎ ")
+                log.info("sample @%d | %s", self.state.step, text)
         if self.dist.is_main:
             log.info("eval @%d: val loss %.4f, bits/byte %.4f", self.state.step, result["loss"],
                      result["bits_per_byte"])
