@@ -115,3 +115,18 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     assert {p.name for p in run_dir.iterdir()} >= {"train.json", "generate.json", "summary.txt"}
     train = {row["model"]: row for row in json.loads((run_dir / "train.json").read_text())["results"]}
     assert train["hf:grouped_mm"]["ours_speedup"] > 0
+
+
+def test_bench_serve_drives_a_real_server(tmp_path, capsys, make_run):
+    import bench_serve
+
+    run = make_run(tmp_path / "run", context_length=128)
+    out = tmp_path / "serve.json"
+    assert bench_serve.main(["--run", str(run), "--clients", "1,2", "--seconds", "1.5", "--max-tokens", "8",
+                             "--max-batch", "2", "--threads", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "x 1 client" in printed and "server RSS" in printed
+    rows = json.loads(out.read_text())["results"]
+    assert [r["clients"] for r in rows] == [1, 2]
+    assert all(r["errors"] == 0 and r["requests"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["x_one_client"] == pytest.approx(1.0)
