@@ -17,6 +17,7 @@ FSDP is active only under torchrun (`Distributed.enabled`) with `train.fsdp = tr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from typing import Any, Callable
 
@@ -37,6 +38,9 @@ from gtransformer.runtime import Distributed
 log = logging.getLogger(__name__)
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# DDP's switch for "no buffer sync before each forward": `broadcast_buffers`, renamed in torch 2.13.
+NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                  else "broadcast_buffers")
 
 
 class Parallel:
@@ -81,7 +85,7 @@ class Parallel:
             # broadcasting would overwrite each rank's own expert-load counts.
             runner = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                **{NO_BUFFER_SYNC: False},
             )
         if self.compile:
             runner = torch.compile(runner)

@@ -228,6 +228,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         now = time.perf_counter()
         tokens_per_s = self._window_tokens / max(now - self._window_start, 1e-9)
+        self._window_start, self._window_tokens = now, 0
         position = self.loader.position
         row = {
             "kind": "train",
@@ -327,13 +328,15 @@ class Trainer:
             epoch_ended = self.loader.epoch_just_ended
             session_over = stop_at_step is not None and self.state.step >= stop_at_step
             done = self.finished or session_over
-            if config.eval_every and self.state.step % config.eval_every == 0 and not done:
-                self.evaluate_and_sample()
-            if epoch_ended or (config.checkpoint_every and self.state.step % config.checkpoint_every == 0) or done:
-                self.save(epoch_end=epoch_ended)
-            if self.state.step % config.log_every == 0:
-                # tokens/s counts training only, not evaluation or checkpoints
-                self._window_start, self._window_tokens = time.perf_counter(), 0
+            evaluate = bool(config.eval_every) and self.state.step % config.eval_every == 0 and not done
+            save = epoch_ended or (config.checkpoint_every and self.state.step % config.checkpoint_every == 0) or done
+            if evaluate or save:
+                paused = time.perf_counter()
+                if evaluate:
+                    self.evaluate_and_sample()
+                if save:
+                    self.save(epoch_end=epoch_ended)
+                self._window_start += time.perf_counter() - paused  # tokens/s counts training time only
         if self.state.step > 0 and (stop_at_step is None or self.finished):
             last_row = {**last_row, **self.evaluate_and_sample()}
         return last_row if self.dist.is_main else {}
