@@ -32,6 +32,9 @@ class BodyLimit:
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
+    def error(self) -> APIError:
+        return APIError(413, f"request body over {self.limit} bytes; send a shorter prompt", code="body_too_large")
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -40,12 +43,12 @@ class BodyLimit:
             return await self._too_large(send)
         seen = 0
 
-        async def counted_receive():
+        async def counted_receive():  # a body sent without Content-Length (chunked) is counted as it arrives
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise APIError(413, f"request body over {self.limit} bytes", code="body_too_large")
+                raise self.error()
             return message
 
         try:
@@ -54,8 +57,7 @@ class BodyLimit:
             await self._too_large(send)
 
     async def _too_large(self, send) -> None:
-        error = APIError(413, f"request body over {self.limit} bytes; send a shorter prompt", code="body_too_large")
-        body = json.dumps(error.body()).encode()
+        body = json.dumps(self.error().body()).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
