@@ -28,14 +28,15 @@ import common  # noqa: E402
 PROMPTS = ["Era uma vez", "O amor é", "Naquella manhã, a cidade", "Portugal e o Brasil", "A casa de meu pae"]
 
 
-def start_server(run: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(run: str, max_batch: int, threads: int | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
     env = {**os.environ}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     process = subprocess.Popen(
         [sys.executable, "-m", "gtransformer", "serve", run, "--port", "0", "--max-batch", str(max_batch),
-         "--max-queue", "256", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
+         "--max-queue", "256", "--device", "cpu", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env)
+    deadline = time.monotonic() + 600  # --compile compiles every padded batch size first
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if "listening on" in line:
@@ -43,7 +44,7 @@ def start_server(run: str, max_batch: int, threads: int | None) -> tuple[subproc
         if process.poll() is not None:
             raise SystemExit(f"serve exited: {process.stderr.read()[-2000:]}")
     process.kill()
-    raise SystemExit("serve did not start within 120 s")
+    raise SystemExit("serve did not start within 600 s")
 
 
 def rss_mb(pid: int) -> float:
@@ -107,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request (default 64)")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default 16)")
     p.add_argument("--threads", type=int, help="the server's OMP_NUM_THREADS (default: all cores)")
+    p.add_argument("--compile", action="store_true", help="serve with --compile")
+    p.add_argument("--decode-dtype", help="the server's --decode-dtype")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
-    process, url = start_server(args.run, args.max_batch, args.threads)
+    extra = (["--compile"] if args.compile else []) + (["--decode-dtype", args.decode_dtype] if args.decode_dtype else [])
+    process, url = start_server(args.run, args.max_batch, args.threads, extra)
     try:
         measure(url, 1, min(3.0, args.seconds), args.max_tokens)  # warm-up: first allocations, caches
         memory_start = rss_mb(process.pid)

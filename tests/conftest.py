@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from gtransformer.model.model import GPT
 from gtransformer.training.checkpoint import save_checkpoint
 
 REAL_MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "gutenberg-mirror"
+NEEDS_CPP_COMPILER = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                                        reason="torch.compile on CPU needs a C++ compiler")
 
 PORTUGUESE = (
     "O homem não sabia para onde ia, mas a estrada era longa e a noite caía sobre os campos. "

@@ -4,9 +4,8 @@ Each distinct model shape compiles once (a few seconds on CPU with the C++ compi
 so the architectures share a few compiled graphs rather than one test each.
 """
 
-import shutil
-
 import pytest
+from conftest import NEEDS_CPP_COMPILER
 import torch
 
 from gtransformer import runtime
@@ -22,8 +21,7 @@ from gtransformer.model.attention import KVCache
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                       reason="torch.compile on CPU needs a C++ compiler"),
+    NEEDS_CPP_COMPILER,
 ]
 
 COMPILED = DecodeOptions(compile=True)

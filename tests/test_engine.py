@@ -4,12 +4,13 @@ import asyncio
 
 import pytest
 import torch
+from conftest import NEEDS_CPP_COMPILER
 
 from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.errors import UserError
 from gtransformer.inference import engine as engine_module
 from gtransformer.inference.engine import Engine, QueueFull
-from gtransformer.inference.generate import generate
+from gtransformer.inference.generate import DecodeOptions, generate
 from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.model.attention import KVCache
 
@@ -83,6 +84,25 @@ def test_concurrent_requests_equal_generate_alone(model, tokenizer, max_batch, p
         assert tokens == alone(model, prompt, sampling)
         assert final.finish_reason in ("length", "stop")
         assert final.usage.prompt_tokens == len(prompt) and final.usage.completion_tokens == len(tokens)
+
+
+@NEEDS_CPP_COMPILER
+def test_compiled_engine_equals_compiled_generate_alone(model, tokenizer):
+    """options.compile: batches padded to 1, 2 or 4 rows (3 active rows run as 4), each compiled at start."""
+    compiled = DecodeOptions(compile=True)
+    engine = Engine(model, tokenizer, max_batch=4, options=compiled)
+    padded = []
+    step = engine._batched_step
+    engine._batched_step = lambda: (padded.append(engine._padded(len(engine._slots))), step())
+    with engine:
+        compiled_at_start = set(engine._compiled._warm)
+        requests = [engine.submit(p, greedy()) for p in PROMPTS[:5]]
+        results = [r.result(timeout=WAIT)[0] for r in requests]
+    assert {key[0] for key in compiled_at_start} == {1, 2, 4}
+    assert engine._compiled._warm == compiled_at_start  # no request waited for a compilation
+    assert 4 in padded and len(set(padded)) > 1
+    for prompt, tokens in zip(PROMPTS, results):
+        assert tokens == generate(model, [prompt], greedy(), compiled)[0]
 
 
 def test_request_joining_midway_and_interleaving(model, tokenizer):

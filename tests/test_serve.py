@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import KEY, start_server, stop_server
+from conftest import KEY, NEEDS_CPP_COMPILER, start_server, stop_server
 
-from gtransformer.inference.generate import generate_text
+from gtransformer.inference.generate import DecodeOptions, generate_text
 from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.training.checkpoint import load_for_inference
 
@@ -213,3 +213,17 @@ def test_sigterm_lets_an_inflight_stream_finish(run_folder):
     thread.join(60)
     assert "data: [DONE]" in lines, lines[-3:]
     assert "stopped" in err
+
+
+@NEEDS_CPP_COMPILER
+def test_compiled_serving_equals_compiled_generate(run_folder):
+    process, url = start_server(run_folder, "--compile", "--max-batch", "1", env_key=None)
+    try:
+        body = {"prompt": "O coração", "max_tokens": 20, "temperature": 0}
+        served = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    finally:
+        err = stop_server(process)
+    model, tokenizer, _ = load_for_inference(run_folder)
+    sampling = SamplingConfig(max_new_tokens=20, temperature=0, repetition_penalty=1.0)
+    assert served == generate_text(model, tokenizer, ["O coração"], sampling, DecodeOptions(compile=True))[0]
+    assert "compiling the decoding step for batch sizes 1" in err

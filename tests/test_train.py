@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import NEEDS_CPP_COMPILER
 
 from gtransformer.cli import main
 from gtransformer.errors import UserError
@@ -135,8 +135,7 @@ def test_cli_user_errors(corpus, tmp_path, capsys, tiny_tables):
     assert [s for s, _ in train_losses(tmp_path / "r")] == [1, 2, 3, 4]
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                    reason="torch.compile on CPU needs a C++ compiler")
+@NEEDS_CPP_COMPILER
 def test_compiled_training_on_cpu_follows_the_eager_losses(corpus, tmp_path, tiny_tables):
     # bfloat16 autocast: the compiled MoE takes the grouped_mm path (the one the benchmark measures).
     tables = tiny_tables(corpus, max_steps=3, eval_every=0, precision="bfloat16")

@@ -44,8 +44,13 @@ def register(subparsers) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default auto)")
     parser.add_argument("--decode-dtype", choices=["float32", "float16", "bfloat16", "int8"], default=None,
-                        help="CPU decoding weights of few-row steps in this dtype (approximate, faster); "
+                        help="weights of the CPU decoder or of the --compile step in this dtype (approximate, faster; "
+                        "int8 not with --compile); "
                         "default: the model's dtype")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through a torch.compile'd step (needs a C++ compiler on CPU); every padded "
+                        "batch size (1, 2, 4, ... up to --max-batch) is compiled before the server listens, "
+                        "10-20 s each on CPU")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests that may wait for a slot; more are answered 429 (default 64)")
@@ -108,7 +113,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset; "
                             f"export {args.api_key_env}=... first")
-    options = DecodeOptions(dtype=args.decode_dtype, single_thread_steps=True)
+    options = DecodeOptions(dtype=args.decode_dtype, compile=args.compile, single_thread_steps=True)
     model, tokenizer, template, name = load_model(args.run, pick_device(args.device))
     engine = Engine(model, tokenizer, max_batch=args.max_batch, options=options, max_queue=args.max_queue)
     settings = ServerSettings(model_name=args.model_name or name, max_tokens_cap=args.max_tokens_cap, api_key=api_key)

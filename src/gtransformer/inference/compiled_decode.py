@@ -15,7 +15,9 @@ its nn.Linear layout, and computes through the same primitives (`folded_rms_norm
 `model.primitives`, `moe.select_experts`), so both decoders do `GPT.forward`'s math.
 
 Static shapes make one graph serve every step: the KV cache spans the whole context,
-and attention masks the slots not written yet (and each row's left padding). The
+and attention masks the slots not written yet (and each row's left padding). Each row
+writes into its own slot (`slots_B`): the same slot for a batch of prompts decoded
+together, each request's own for the serving engine's continuous batching. The
 router's expert ids index the stacked expert weights on the device, so no step waits
 on the host, which also keeps the graph free of breaks.
 
@@ -94,9 +96,9 @@ class CompiledDecoder:
         out_BkM = (w2_EOI[ids_Bk].float() * act_BkF[:, :, None, :]).sum(-1)
         return (out_BkM * weights_Bk[..., None]).sum(1)
 
-    def _attention(self, layer: LayerDecodeWeights, x_BM, cos_B1D, sin_B1D, visible_B11S, slot_1, keys_BKSD,
+    def _attention(self, layer: LayerDecodeWeights, x_BM, cos_B1D, sin_B1D, visible_B11S, slots_BK1D, keys_BKSD,
                    values_BKSD) -> torch.Tensor:
-        """Writes this step's key/value into the cache slot; returns the attention output (B, H D)."""
+        """Writes this step's key/value into each row's cache slot; returns the attention output (B, H D)."""
         w = self.w
         H, K, D = w.n_heads, w.n_kv_heads, w.head_dim
         B, G = x_BM.shape[0], H // K
@@ -109,19 +111,21 @@ class CompiledDecoder:
         q_BHD, k_BKD = apply_rope(q_BHD, cos_B1D, sin_B1D), apply_rope(k_BKD, cos_B1D, sin_B1D)
         # The model's attention reads keys/values at the cache dtype; round q the same way.
         q_BHD = q_BHD.to(keys_BKSD.dtype).float()
-        keys_BKSD.index_copy_(2, slot_1, k_BKD[:, :, None, :].to(keys_BKSD.dtype))
-        values_BKSD.index_copy_(2, slot_1, v_BKD[:, :, None, :].to(values_BKSD.dtype))
+        keys_BKSD.scatter_(2, slots_BK1D, k_BKD[:, :, None, :].to(keys_BKSD.dtype))
+        values_BKSD.scatter_(2, slots_BK1D, v_BKD[:, :, None, :].to(values_BKSD.dtype))
         y_BKGD = decode_attention(q_BHD.view(B, K, G, D), keys_BKSD, values_BKSD, visible_B11S, D**-0.5, fused=True)
         return y_BKGD.reshape(B, H * D)
 
-    def _step(self, tokens_B, slot_1, positions_B, pad_B, cache_k, cache_v):
+    def _step(self, tokens_B, slots_B, positions_B, pad_B, cache_k, cache_v):
         w = self.w
+        B, K, D = tokens_B.shape[0], w.n_kv_heads, w.head_dim
         x_BM = F.embedding(tokens_B, w.embed)
         cos_B1D = self.rope_cos.index_select(0, positions_B)[:, None, :]
         sin_B1D = self.rope_sin.index_select(0, positions_B)[:, None, :]
-        visible_B11S = visible_keys(torch.arange(cache_k.shape[3], device=tokens_B.device), slot_1, pad_B)
+        visible_B11S = visible_keys(torch.arange(cache_k.shape[3], device=tokens_B.device), slots_B[:, None], pad_B)
+        slots_BK1D = slots_B.view(B, 1, 1, 1).expand(B, K, 1, D)
         for i, layer in enumerate(w.layers):
-            y_BHD = self._attention(layer, x_BM, cos_B1D, sin_B1D, visible_B11S, slot_1, cache_k[i], cache_v[i])
+            y_BHD = self._attention(layer, x_BM, cos_B1D, sin_B1D, visible_B11S, slots_BK1D, cache_k[i], cache_v[i])
             x_BM = (x_BM.float() + _matvec(layer.o, y_BHD.to(layer.o.dtype))).to(x_BM.dtype)
             h_BM = folded_rms_norm(x_BM, w.norm_eps)
             delta_BM = torch.zeros_like(h_BM, dtype=torch.float32)
@@ -139,7 +143,9 @@ class CompiledDecoder:
         """tokens (B,) go into slot `cache.length` of a context-long cache -> logits (B, vocab) float32.
 
         positions (B,): each row's RoPE position (None: every row at `cache.length`); pad (B,): each
-        row's count of left-padding slots (None: no padding).
+        row's count of left-padding slots (None: no padding). A view from `KVCache.rows(..., next_slots)`
+        (the engine's continuous batching) takes row b's token into its own slot next_slots[b], which is
+        also its position; pass positions=None and pad=None then.
         """
         batch, device = tokens.shape[0], tokens.device
         key = (batch, tuple(cache.k.shape), cache.k.dtype, device)
@@ -147,14 +153,12 @@ class CompiledDecoder:
         if buffers is None:
             # Reused every step (a fill, not an allocation); positions stay contiguous so that ragged
             # and plain batches share one compiled graph.
-            buffers = self._buffers[key] = (torch.zeros(1, dtype=torch.long, device=device),
-                                            torch.zeros(batch, dtype=torch.long, device=device),
-                                            torch.zeros(batch, dtype=torch.long, device=device))
-        slot, default_positions, no_pad = buffers
-        slot.fill_(cache.length)
-        if positions is None:
-            positions = default_positions.fill_(cache.length)
-        args = (tokens, slot, positions, no_pad if pad is None else pad, cache.k, cache.v)
+            buffers = self._buffers[key] = tuple(torch.zeros(batch, dtype=torch.long, device=device) for _ in range(3))
+        shared_slots, position_buffer, no_pad = buffers
+        slots = cache.next_slots if cache.next_slots is not None else shared_slots.fill_(cache.length)
+        # Always a buffer of its own: an argument aliasing another would be a different graph to torch.compile.
+        positions = position_buffer.copy_(slots if positions is None else positions)
+        args = (tokens, slots, positions, no_pad if pad is None else pad, cache.k, cache.v)
         try:
             logits = self._compiled(*args)
         except Exception as exc:  # compiling failed: a missing C++ compiler, an unsupported device, ...

@@ -93,6 +93,30 @@ def _swiglu_(out: torch.Tensor, h: torch.Tensor, w13: MatvecOperand, w2: MatvecO
     _add_matmul_(out, swiglu(gate_up[:, :hidden], gate_up[:, hidden:]), w2, alpha)
 
 
+def _grouped_experts_(x_BM: torch.Tensor, h_BM: torch.Tensor, experts, top_ids_Bk: torch.Tensor,
+                      top_weights_Bk: torch.Tensor) -> None:
+    """x += each row's weighted top-k SwiGLU experts, one product per chosen expert over its rows.
+
+    Several rows often share an expert; reading its weights once for all of them, instead of
+    once per row, is what lets a batched step cost less than its rows one by one.
+    """
+    rows_of: dict[int, list[int]] = {}
+    weights_of: dict[int, list[float]] = {}
+    for row, (ids, weights) in enumerate(zip(top_ids_Bk.tolist(), top_weights_Bk.tolist())):
+        for e, weight in zip(ids, weights):
+            rows_of.setdefault(e, []).append(row)
+            weights_of.setdefault(e, []).append(weight)
+    for e, rows in rows_of.items():
+        if len(rows) == 1:
+            row = rows[0]
+            _swiglu_(x_BM[row : row + 1], h_BM[row : row + 1], experts.w13[e], experts.w2[e], weights_of[e][0])
+            continue
+        index = torch.tensor(rows, device=x_BM.device)
+        out = torch.zeros(len(rows), x_BM.shape[1], dtype=x_BM.dtype, device=x_BM.device)
+        _swiglu_(out, h_BM.index_select(0, index), experts.w13[e], experts.w2[e])
+        x_BM.index_add_(0, index, out.mul_(torch.tensor(weights_of[e], dtype=out.dtype, device=out.device)[:, None]))
+
+
 def supports_fast_decode(model, batch: int) -> bool:
     """Whether `Decoder` runs this model's steps: a CPU `GPT` and at most FEW_TOKENS rows.
 
@@ -168,10 +192,11 @@ class Decoder:
             if experts is not None:
                 top_weights, top_ids = select_experts(F.linear(h.float(), experts.router), experts.top_k,
                                                       experts.expert_bias)
-                for row, (ids, weights) in enumerate(zip(top_ids.tolist(), top_weights.tolist())):
-                    x_row, h_row = (x, h_matmul) if B == 1 else (x[row : row + 1], h_matmul[row : row + 1])
-                    for e, weight in zip(ids, weights):
-                        _swiglu_(x_row, h_row, experts.w13[e], experts.w2[e], weight)
+                if B == 1:
+                    for e, weight in zip(top_ids[0].tolist(), top_weights[0].tolist()):
+                        _swiglu_(x, h_matmul, experts.w13[e], experts.w2[e], weight)
+                else:
+                    _grouped_experts_(x, h_matmul, experts, top_ids, top_weights)
             mlp = layer.unrouted_mlp
             if mlp is not None:
                 _swiglu_(x, h_matmul, mlp.w13, mlp.w2)

@@ -3,7 +3,8 @@
     submit(prompt_ids, sampling) ─► queue (FIFO, at most max_queue waiting) ─► a free slot (at most max_batch)
       ─► prefill alone: GPT.forward into the slot's own cache row ─► first token; joins the very next step
     batched step: one token per active slot, each row at its own cache slot and RoPE position
-      (`KVCache.rows(..., next_slots)`), through the eager `Decoder` on CPU (any row count) or GPT.forward
+      (`KVCache.rows(..., next_slots)`), through the `CompiledDecoder` (options.compile; the batch padded
+      to a power of two, each size compiled once at start), the eager `Decoder` on CPU or GPT.forward
       ─► each request samples its own token (its SamplingConfig, generator, seen tokens: `sample_next`)
       ─► EngineEvent on its EngineRequest (TextStream pieces, logprobs) ─► finished or cancelled: slot freed
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from gtransformer.errors import UserError
+from gtransformer.inference.compiled_decode import CompiledDecoder
 from gtransformer.inference.decode import Decoder, supports_fast_decode
 from gtransformer.inference.generate import DECODE_DTYPES, SINGLE_THREAD_MAX_PREFILL, DecodeOptions
 from gtransformer.inference.sampling import SamplingConfig, sample_next
@@ -165,16 +167,15 @@ class _Slot:
 class Engine:
     """Decodes up to `max_batch` requests together in one background thread; more wait in a FIFO queue.
 
-    options: how logits are computed (`DecodeOptions`: dtype applies to the eager `Decoder`'s steps, on
-    CPU; compile is not supported). Use as a context manager, or start() and stop(drain=True).
-    Requests submitted before start() wait in the queue.
+    options: how logits are computed (`DecodeOptions`: dtype applies to the decoders' steps; compile
+    decodes through `CompiledDecoder`, compiled by start() for every padded batch size before it returns).
+    Use as a context manager, or start() and stop(drain=True). Requests submitted before start() wait in
+    the queue.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 8, options: DecodeOptions | None = None, max_queue: int = 64):
         options = options or DecodeOptions()
         options.validate()
-        if options.compile:
-            raise UserError("the engine decodes eagerly (each row at its own cache slot); drop compile")
         if max_batch < 1 or max_queue < 0:
             raise UserError(f"max_batch = {max_batch} must be >= 1 and max_queue = {max_queue} >= 0")
         self.model, self.tokenizer, self.options = model, tokenizer, options
@@ -189,6 +190,7 @@ class Engine:
         self._steps = 0
         self._cache: KVCache | None = None
         self._weights = None  # the eager Decoder's weights, when it runs this model's steps (CPU)
+        self._compiled: CompiledDecoder | None = None  # options.compile
 
     # ------------------------------------------------------------------ callers' side
 
@@ -241,11 +243,34 @@ class Engine:
             self._state = "running"
         self._cache = KVCache(self.model.config, self.max_batch, self.model.config.context_length,
                               self.device, self.dtype)
-        if supports_fast_decode(self.model, 1):
-            self._weights = Decoder.prepared_weights(self.model, DECODE_DTYPES[self.options.dtype])
+        dtype = DECODE_DTYPES[self.options.dtype]
+        if self.options.compile:
+            self._compile(dtype)
+        elif supports_fast_decode(self.model, 1):
+            self._weights = Decoder.prepared_weights(self.model, dtype)
         self._thread = threading.Thread(target=self._run, name="gtransformer-engine", daemon=True)
         self._thread.start()
         return self
+
+    def _compile(self, dtype: torch.dtype | None) -> None:
+        """Compile the step for every padded batch size now, so that no request waits for a compilation.
+
+        Runs one step of dummy tokens at slot 0 of the (still free) rows, under the engine thread's
+        inference mode; a failure (no C++ compiler, say) is a UserError before anything is served.
+        """
+        self._compiled = CompiledDecoder.for_model(self.model, dtype)
+        sizes = sorted({self._padded(n) for n in range(1, self.max_batch + 1)})
+        log.info("compiling the decoding step for batch sizes %s (once per process)", ", ".join(map(str, sizes)))
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for n in sizes:
+                self._compiled.step(torch.zeros(n, dtype=torch.long, device=self.device),
+                                    self._cache.rows(0, n, [0] * n), None, None)
+        log.info("compiled in %.0f s", time.perf_counter() - started)
+
+    def _padded(self, rows: int) -> int:
+        """The compiled batch size that runs `rows` rows: the next power of two, at most max_batch."""
+        return min(1 << (rows - 1).bit_length(), self.max_batch)
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """drain=True: finish every accepted request (refusing new ones); False: cancel them. Then join."""
@@ -336,10 +361,15 @@ class Engine:
     def _batched_step(self) -> None:
         """One token for every active slot, each row at its own cache slot."""
         slots = self._slots
-        tokens = torch.tensor([slot.next_token for slot in slots], device=self.device)
-        view = self._cache.rows(0, len(slots), [slot.length for slot in slots])
+        # The compiled step runs padded batch sizes; padding rows are free rows of the cache, whose
+        # dummy token lands in their slot 0.
+        padding = self._padded(len(slots)) - len(slots) if self._compiled is not None else 0
+        tokens = torch.tensor([slot.next_token for slot in slots] + [0] * padding, device=self.device)
+        view = self._cache.rows(0, len(slots) + padding, [slot.length for slot in slots] + [0] * padding)
         with intra_op_threads(self._threads(len(slots))):
-            if self._weights is not None:  # CPU: at 8 rows 9.7 ms a step, GPT.forward 18 ms (tiny preset)
+            if self._compiled is not None:
+                logits = self._compiled.step(tokens, view, None, None)[: len(slots)]
+            elif self._weights is not None:  # CPU, eager (benchmarks/RESULTS.md times it against GPT.forward)
                 logits = Decoder(self._weights, view, None).step(tokens, view.next_slots)
             else:
                 logits = self.model(tokens[:, None], cache=view, position_ids=view.next_slots[:, None]).logits[:, -1]
@@ -355,7 +385,9 @@ class Engine:
         self._free(finished)
 
     def _threads(self, rows: int) -> int | None:
-        few = self.options.single_thread_steps and self.device.type == "cpu" and rows <= FEW_TOKENS
+        # The compiled step's threads are fixed when it is compiled: never changed around it.
+        few = (self.options.single_thread_steps and self.device.type == "cpu" and rows <= FEW_TOKENS
+               and not self.options.compile)
         return 1 if few else None
 
     def _take(self, slot: _Slot, logits_1V: torch.Tensor, token: int | None = None) -> bool:
