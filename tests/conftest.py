@@ -86,8 +86,7 @@ def write_mirror(root: Path, books: dict[int, tuple[str, str, bytes | None, str]
     return root
 
 
-@pytest.fixture
-def small_mirror(tmp_path: Path) -> Path:
+def build_small_mirror(root: Path) -> Path:
     """Six Portuguese books in four layouts and three encodings, one Spanish book, one missing book."""
     def body(seed: int) -> str:
         return portuguese_text(30, seed)
@@ -103,7 +102,19 @@ def small_mirror(tmp_path: Path) -> Path:
         108: ("Livro Perdido", "pt", None, ""),
         200: ("English Book", "en", b"The end.", "cache/epub/{id}/pg{id}.txt"),
     }
-    return write_mirror(tmp_path / "mirror", books)
+    return write_mirror(root, books)
+
+
+@pytest.fixture
+def small_mirror(tmp_path: Path) -> Path:
+    """build_small_mirror's books in tmp_path / "mirror"."""
+    return build_small_mirror(tmp_path / "mirror")
+
+
+@pytest.fixture(scope="session", name="small_mirror_factory")
+def small_mirror_factory_fixture():
+    """build_small_mirror(root) -> root, a Gutenberg-layout mirror of a few small books."""
+    return build_small_mirror
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
