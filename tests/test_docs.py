@@ -3,7 +3,8 @@
 The commands are read from README.md and docs/*.md. Each is parsed by the real CLI parser
 (`cli.build_parser`), which is what `--help` documents. The short ones (those that read a
 run folder, and `download` from a mirror) then run as written, with bash, in a sandbox
-folder laid out like the docs assume: `runs/small` (a tiny trained run),
+folder laid out like the docs assume: `runs/small` (a tiny trained run; `runs/tiny` and
+`runs/demo` name it too),
 `data/prepared`, `../shared/gutenberg-mirror` (a small synthetic mirror) and
 `prompts.txt`. Training and serving commands are only parsed: they run for minutes or
 forever, and tests/test_train.py, tests/test_serve.py and the notebooks cover them.
@@ -101,8 +102,11 @@ def sandbox(tmp_path_factory, make_corpus, tiny_tables, small_mirror_factory) ->
     (root / "shared").mkdir()
     (root / "shared" / "gutenberg-mirror").symlink_to(small_mirror_factory(root / "mirror"))
     data = make_corpus(work / "data" / "prepared")
-    train(tiny_tables(data, max_steps=2, sample_prompts=["Era uma vez"]), work / "runs" / "small",
-          progress_bar=False)
+    tables = tiny_tables(data, max_steps=2, sample_prompts=["Era uma vez"])
+    tables["model"]["context_length"] = 256  # the docs generate up to 200 tokens
+    train(tables, work / "runs" / "small", progress_bar=False)
+    for name in ("tiny", "demo"):  # the run names the other docs use
+        (work / "runs" / name).symlink_to("small")
     (work / "prompts.txt").write_text("Era uma vez\nO amor é\n", encoding="utf-8")
     return work
 
