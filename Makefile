@@ -19,12 +19,16 @@ DEMO_BOOKS ?= 24
 DEMO_MINUTES ?= 5
 DATA ?= data
 RUNS ?= runs
+# `make notebooks` reads books from a local mirror: MIRROR when given (command line or environment), else ../shared's.
+NB_MIRROR := $(if $(filter command line environment,$(origin MIRROR)),$(MIRROR),../shared/gutenberg-mirror)
+NB_OUT ?= build/notebooks
 
-.PHONY: setup demo test bench clean help
+.PHONY: setup demo test notebooks bench clean help
 
 help:
 	@echo "make demo   # download books, prepare, train the tiny model, generate Portuguese text"
 	@echo "make test   # run the test suite"
+	@echo "make notebooks  # run notebooks/train.ipynb then explore.ipynb at the CI scale (executed copies in $(NB_OUT))"
 	@echo "make setup  # create .venv with CPU torch (or CUDA torch where nvidia-smi exists)"
 
 $(VENV)/.installed: pyproject.toml
@@ -41,6 +45,20 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# train.ipynb at the CI scale of notebooks/ci.yaml (tiny preset, six books, CPU), then explore.ipynb on the run it
+# trained, both in the notebooks folder with the .venv kernel; a failing cell fails the target.
+notebooks: setup
+	rm -rf $(NB_OUT)/work
+	mkdir -p $(NB_OUT)
+	cd notebooks && JUPYTER_PREFER_ENV_PATH=1 $(abspath $(PY)) -m papermill train.ipynb $(abspath $(NB_OUT))/train.ipynb \
+		-f ci.yaml -p mirror "$(if $(findstring ://,$(NB_MIRROR)),$(NB_MIRROR),$(abspath $(NB_MIRROR)))" \
+		-p workdir $(abspath $(NB_OUT))/work
+	if [ -f notebooks/explore.ipynb ]; then \
+		cd notebooks && JUPYTER_PREFER_ENV_PATH=1 $(abspath $(PY)) -m papermill explore.ipynb $(abspath $(NB_OUT))/explore.ipynb \
+			-p run $(abspath $(NB_OUT))/work/runs/notebook -p max_tokens 5000; \
+	else echo "notebooks/explore.ipynb not found: skipped"; fi
+	@echo "executed notebooks in $(NB_OUT)"
 
 clean:
 	rm -rf $(DATA)/demo-raw $(DATA)/demo $(RUNS)/demo
