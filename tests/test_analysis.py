@@ -209,6 +209,9 @@ def test_top_tokens_per_expert(make_model, corpus, tokenizer):
         assert [s for _, _, s in entries] == sorted((s for _, _, s in entries), reverse=True)
     with pytest.raises(UserError, match="not a MoE layer"):
         routing.top_tokens_per_expert(stats, tokenizer, layer=7)
+    page = routing.top_tokens_html(top, 4)
+    assert page.count("<tr>") == 5 and page.count("<code") == sum(len(v) for v in top.values())
+    assert f'background:{routing.expert_colours(4)[2]}">e2<' in page
 
 
 # --- attention maps ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ the model changes.
     routing_figure          the same as a matplotlib Figure (the README's picture)
     routing_stats           expert loads, router entropy and token-expert counts over a split (batched)
     expert_load_figure      the loads as a heatmap Figure (MoE layer x expert)
-    top_tokens_per_expert   the tokens one layer sends most often to each expert
+    top_tokens_per_expert   the tokens one layer sends most often to each expert (top_tokens_html: as a table)
 
 Shapes: B rows, T tokens, N = B * T tokens flattened, E experts, K = top_k, L MoE layers, V vocabulary.
 """
@@ -285,3 +285,15 @@ def top_tokens_per_expert(stats: RoutingStats, tokenizer: Tokenizer, layer: int,
         order = [v for v in order[:n] if counts_EV[e, v] > 0]
         result[e] = [(token_text(tokenizer, v), int(counts_EV[e, v]), float(share_EV[e, v])) for v in order]
     return result
+
+
+def top_tokens_html(top: dict[int, list[tuple[str, int, float]]], n_experts: int) -> str:
+    """`top_tokens_per_expert`'s result as an HTML table: one row per expert (in its colour), its tokens with counts."""
+    colours = expert_colours(n_experts)
+    rows = []
+    for e, entries in top.items():
+        cells = ", ".join(f'<code style="white-space:pre">{html.escape(visible(text))}</code> {count} ({share:.0%})'
+                          for text, count, share in entries)
+        rows.append(f'<tr><td style="background:{colours[e]}">e{e}</td><td style="text-align:left">{cells}</td></tr>')
+    header = "<tr><th>expert</th><th>tokens: times sent there (share of the token's occurrences)</th></tr>"
+    return f'<table style="border-collapse:collapse">{header}{"".join(rows)}</table>'
