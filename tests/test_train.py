@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import NEEDS_CPP_COMPILER
 
 from gtransformer.cli import main
 from gtransformer.errors import UserError
-from gtransformer.runtime import resolve_precision
+from gtransformer.runtime import PEAK_FLOPS, device_peak_flops, resolve_precision
 from gtransformer.training.config import TrainConfig
 from gtransformer.training.optim import lr_multiplier
 from gtransformer.training.trainer import train
@@ -106,16 +107,21 @@ def test_time_budget_ends_the_run_with_the_schedule_finished(corpus, tmp_path, m
 
 
 def test_precision_auto_is_float32_on_cpu_and_mfu_needs_a_known_peak():
-    import torch
-
-    from gtransformer.runtime import PEAK_FLOPS, device_peak_flops
-
     assert device_peak_flops(torch.device("cpu")) is None  # so MFU is left out of metrics on CPU
     assert PEAK_FLOPS["H100"] == 790e12 and PEAK_FLOPS["T4"] == 65e12
 
     assert resolve_precision("auto", torch.device("cpu")) == "float32"
     with pytest.raises(UserError):
         resolve_precision("float8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "float16"), ((6, 0), "float16"), ((8, 0), "bfloat16"),
+                                                  ((9, 0), "bfloat16")])
+def test_auto_precision_on_gpus_uses_native_bfloat16_only(monkeypatch, capability, expected):
+    # T4 (7.5) and P100 (6.0): torch.cuda.is_bf16_supported() is true through emulation; float16 + scaler is right.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == expected
 
 
 def test_cli_user_errors(corpus, tmp_path, capsys, tiny_tables):

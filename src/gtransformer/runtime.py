@@ -62,8 +62,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        # T4 and P100 (Kaggle, Colab) have no bfloat16: float16 with a gradient scaler instead.
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # T4 and P100 (Kaggle, Colab) have no native bfloat16 (torch.cuda.is_bf16_supported() also counts
+        # emulation, true there): float16 with a gradient scaler instead. Native bf16 starts at Ampere (sm 8.0).
+        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
     return "float32"
 
 
