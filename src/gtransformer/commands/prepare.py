@@ -50,6 +50,7 @@ def register(subparsers) -> None:
                         "0 uses the whole train split")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes for cleaning (default min(2, CPUs))")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     stats = prepare(
         args.raw, args.out, vocab_size=args.vocab_size, min_words=args.min_words, ratios=args.split,
         salt=args.salt, tiktoken_encoding=args.tiktoken, workers=args.workers, min_portuguese=args.min_portuguese,
-        tokenizer_sample_mb=args.tokenizer_sample_mb,
+        tokenizer_sample_mb=args.tokenizer_sample_mb, progress=not args.no_progress,
     )
     books = stats["books"]
     print(f"prepare: {books['kept']} of {books['raw']} books kept, {books['dropped']} dropped ({time.perf_counter() - started:.1f}s)")

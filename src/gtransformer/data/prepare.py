@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 try:
     import resource  # POSIX; Windows measures this process only (time.process_time)
@@ -72,15 +73,23 @@ def _clean_one(job: tuple[str, int]) -> tuple[str, dict]:
     return cleaned.text, info
 
 
-def clean_books(books: list[Book], min_words: int = 5, workers: int = 1) -> list[Book]:
+def clean_books(books: list[Book], min_words: int = 5, workers: int = 1, progress: bool = False) -> list[Book]:
     """Fill each book's text and info, in `workers` processes (largest books first, for balance)."""
     order = sorted(books, key=lambda b: -b.path.stat().st_size)
     jobs = [(str(b.path), min_words) for b in order]
-    if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
-            results = pool.map(_clean_one, jobs, chunksize=1)
-    else:
-        results = [_clean_one(job) for job in jobs]
+    bar = tqdm(total=len(jobs), desc="clean", unit="book", disable=not progress, dynamic_ncols=True)
+    with bar:
+        if workers > 1 and len(jobs) > 1:
+            with multiprocessing.get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+                results = []
+                for result in pool.imap(_clean_one, jobs, chunksize=1):  # in order, as they finish
+                    results.append(result)
+                    bar.update()
+        else:
+            results = []
+            for job in jobs:
+                results.append(_clean_one(job))
+                bar.update()
     for book, (text, info) in zip(order, results):
         book.text, book.info = text, info
     return books
@@ -176,9 +185,12 @@ def tokenizer_sample(books: list[Book], max_mb: float | None, salt: str = "gtran
     return sample
 
 
-def write_split_shards(books: list[Book], tokenizer, corpus: PreparedCorpus, batch_books: int = 32) -> dict:
+def write_split_shards(books: list[Book], tokenizer, corpus: PreparedCorpus, batch_books: int = 32,
+                       progress: bool = False) -> dict:
     """Encode each split into the corpus's shard (eot before every book); return per-split counts."""
     stats = {}
+    bar = tqdm(total=sum(b.split in SPLITS for b in books), desc="encode", unit="book", disable=not progress,
+               dynamic_ncols=True)
     for split in SPLITS:
         members = sorted((b for b in books if b.split == split), key=lambda b: b.id)
         tokens = byte_count = words = 0
@@ -195,8 +207,10 @@ def write_split_shards(books: list[Book], tokenizer, corpus: PreparedCorpus, bat
                 # clean_books already measured each text; recount only books built by hand.
                 byte_count += sum(b.info.get("clean_bytes") or len(b.text.encode("utf-8")) for b in batch)
                 words += sum(b.info.get("words") or word_count(b.text) for b in batch)
+                bar.update(len(batch))
             tokens = writer.count
         stats[split] = {"books": len(members), "bytes": byte_count, "tokens": tokens, "words": words}
+    bar.close()
     return stats
 
 
@@ -215,8 +229,9 @@ def prepare(
     workers: int | None = None,
     min_portuguese: float = 0.5,
     tokenizer_sample_mb: float | None = 48,
+    progress: bool = False,
 ) -> dict:
-    """Run every step and write the prepared corpus (`PreparedCorpus`) in `out`."""
+    """Run every step and write the prepared corpus (`PreparedCorpus`) in `out` (progress: bars on stderr)."""
     corpus = PreparedCorpus(out)
     workers = workers or min(2, os.cpu_count() or 1)
     timings = {}
@@ -233,7 +248,7 @@ def prepare(
     # Fail on an unavailable tiktoken encoding before minutes of cleaning.
     tokenizer = Tokenizer.from_tiktoken(tiktoken_encoding) if tiktoken_encoding else None
     books = load_raw_books(raw)
-    clean_books(books, min_words=min_words, workers=workers)
+    clean_books(books, min_words=min_words, workers=workers, progress=progress)
     lap("clean_s")
     filter_books(books, min_portuguese=min_portuguese)
     assign_splits(books, ratios, salt)
@@ -245,7 +260,7 @@ def prepare(
         tokenizer = Tokenizer.train_bpe(tokenizer_sample(kept, tokenizer_sample_mb, salt), vocab_size=vocab_size)
         lap("tokenizer_train_s")
     corpus.write_tokenizer(tokenizer)
-    split_stats = write_split_shards(books, tokenizer, corpus)
+    split_stats = write_split_shards(books, tokenizer, corpus, progress=progress)
     lap("encode_s")
 
     val = split_stats["val"]
