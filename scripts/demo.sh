@@ -40,4 +40,4 @@ done
 
 echo "== 5/5 report"
 $GT report "$RUNS/demo"
-echo "Done: run folder $RUNS/demo (report.md, plots, samples.jsonl)"
+echo "Done: run folder $RUNS/demo (report.md, MODEL_CARD.md, plots, samples.jsonl)"

@@ -11,7 +11,7 @@ from gtransformer.training.checkpoint import save_checkpoint
 from gtransformer.errors import UserError
 from gtransformer.inference.generate import generate
 from gtransformer.inference.sampling import SamplingConfig
-from gtransformer.interop.hf import export_hf, import_hf
+from gtransformer.interop.hf import HUB_METADATA, export_hf, import_hf
 from gtransformer.data.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -63,6 +63,14 @@ def test_auto_tokenizer_loads_the_export(exported, tokenizer):
     assert hf_tokenizer(text, add_special_tokens=False).input_ids == tokenizer.encode(text)
     assert hf_tokenizer.eos_token_id == tokenizer.eot_id
     assert hf_tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_a_model_card_becomes_the_readme_behind_the_hub_header(exported, tokenizer, tmp_path, make_model):
+    _, folder = exported
+    assert not (folder / "README.md").exists()  # no card given, no README
+    model = make_model(tokenizer.vocab_size, rope_theta=5000.0)
+    carded = export_hf(model, tokenizer, tmp_path / "carded", model_card="# card\n")
+    assert (carded / "README.md").read_text(encoding="utf-8") == HUB_METADATA + "\n# card\n"
 
 
 def test_import_of_export_gives_identical_weights(exported, tokenizer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,24 @@ def device_peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    """What the device is, in words: the GPU's name, or the CPU's model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    model = platform.processor() or platform.machine() or "unknown model"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"CPU ({model}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""`gtransformer export`: a run or checkpoint as a Hugging Face `transformers` (Mixtral) folder."""
+"""`gtransformer export`: a run or checkpoint as a Hugging Face `transformers` (Mixtral) folder, with the run's
+model card as README.md (behind the Hub's metadata header)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 
 from gtransformer.interop.hf import export_hf
 from gtransformer.training.checkpoint import load_for_inference
+from gtransformer.training.model_card import gather, render
+from gtransformer.training.run_dir import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +21,7 @@ def register(subparsers) -> None:
         "export",
         help="export a trained model to a Hugging Face transformers folder",
         description="Write a folder that transformers' AutoModelForCausalLM and AutoTokenizer load offline "
-        "(Mixtral architecture).",
+        "(Mixtral architecture), with the run's model card as README.md (Hub metadata header included).",
     )
     parser.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (newest checkpoint) or a checkpoint folder")
     parser.add_argument("--format", default="hf", choices=["hf"], help="output format (only hf: Hugging Face Mixtral)")
@@ -32,7 +35,9 @@ def register(subparsers) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     model, tokenizer, meta = load_for_inference(args.run)
-    out = export_hf(model, tokenizer, args.out, dtype=getattr(torch, args.dtype), force=args.force)
+    checkpoint, run = resolve_checkpoint(args.run)
+    card = render(gather(run, checkpoint))
+    out = export_hf(model, tokenizer, args.out, dtype=getattr(torch, args.dtype), force=args.force, model_card=card)
     log.info(
         "exported %s to %s; load it with transformers.AutoModelForCausalLM.from_pretrained(%r)",
         meta.get("checkpoint", args.run), out, str(out),

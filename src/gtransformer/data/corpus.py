@@ -75,6 +75,15 @@ class PreparedCorpus:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"{self.stats_path} is unreadable ({exc}); rerun `gtransformer prepare`") from None
 
+    def manifest(self) -> dict[str, Any]:
+        """manifest.json (`books.{id}.{title,author,split,dropped,raw_bytes,clean_bytes,...}`), or {} without one."""
+        if not self.manifest_path.is_file():
+            return {}
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{self.manifest_path} is unreadable ({exc}); rerun `gtransformer prepare`") from None
+
     def split_bytes(self, split: str) -> int | None:
         """UTF-8 bytes of the text a split's shard encodes (what bits per byte divides by), when recorded."""
         return self.stats().get("splits", {}).get(split, {}).get("bytes")

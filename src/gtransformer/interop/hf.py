@@ -6,6 +6,10 @@ stacked experts are split into one w1/w2/w3 per expert. That per-expert file
 layout is what Mixtral checkpoints on the Hub use: transformers 4.x reads it
 directly and 5.x fuses it on load (gate_up_proj/down_proj). Import accepts
 both that layout and 5.x's fused one (what `save_pretrained` may write).
+
+Given a model card (training/model_card.py), export writes it as the folder's
+README.md behind the Hub's YAML metadata header (`HUB_METADATA`), so the folder
+uploads to the Hugging Face Hub as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +27,26 @@ from gtransformer.errors import UserError
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
 from gtransformer.model.primitives import rope_tables
+
+
+# The Hub's model-card metadata. The weights are MIT like the code; the card's License section says the
+# training texts are public domain. `datasets` is left out: the corpus is a selection of Project Gutenberg
+# books prepared by gtransformer, not a Hub dataset, and the card lists the books instead.
+HUB_METADATA = """---
+language:
+- pt
+license: mit
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- gtransformer
+- mixtral
+- moe
+- gqa
+- portuguese
+# datasets: none on the Hub; the training books (Project Gutenberg, public domain) are listed in the card
+---
+"""
 
 
 def mixtral_incompatibilities(config: ModelConfig) -> list[str]:
@@ -138,8 +162,11 @@ def write_tokenizer(tokenizer, folder: Path, context_length: int) -> None:
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
 
 
-def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.float32, force: bool = False) -> Path:
+def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.float32, force: bool = False,
+              model_card: str | None = None) -> Path:
     """Write a folder that AutoModelForCausalLM / AutoTokenizer.from_pretrained load offline.
+
+    With `model_card` (Markdown), README.md is `HUB_METADATA` followed by the card.
 
     Written to a temporary sibling folder and renamed at the end, so a failed
     export never leaves half a folder; an existing non-empty folder is only
@@ -159,6 +186,8 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
         if tokenizer is not None:
             write_tokenizer(tokenizer, tmp, model.config.context_length)
+        if model_card is not None:
+            (tmp / "README.md").write_text(HUB_METADATA + "\n" + model_card, encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         tmp.rename(out_dir)

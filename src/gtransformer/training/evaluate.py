@@ -1,4 +1,4 @@
-"""Validation loss, perplexity and bits per byte; the `eval` command.
+"""Validation loss, perplexity and bits per byte; `evaluate_checkpoint` (the `eval` command, `report`).
 
 Bits per byte = (sum of the token losses in nats) / (ln 2 * UTF-8 bytes of the text
 those tokens encode). Unlike loss per token it does not depend on the tokenizer,
@@ -14,13 +14,17 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gtransformer.data.corpus import PreparedCorpus
 from gtransformer.errors import UserError
+from gtransformer.training.checkpoint import load_for_inference
+from gtransformer.training.run_dir import RunDir
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -117,3 +121,35 @@ def evaluate_split(
         targets = np.asarray(tokens[1 : 1 + result["targets"]]).astype(np.int64)
         num_bytes = int(byte_lengths[targets].sum())
     return summarise(result["nll"], result["targets"], num_bytes, result["seconds"])
+
+
+def evaluate_checkpoint(
+    run_or_checkpoint: str | Path,
+    split: str = "val",
+    data: str | Path | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    record: bool = True,
+) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of a run's newest checkpoint (or of a checkpoint folder) on a split.
+
+    `data` defaults to the prepared corpus the run was trained on. Returns the row: checkpoint, step, split,
+    data (absolute), whole_split, and `evaluate_split`'s numbers. With `record`, the row is also appended to
+    the run's evals.jsonl (when the checkpoint sits in a run folder), where the model card finds it.
+    """
+    model, tokenizer, meta = load_for_inference(run_or_checkpoint, device=device)
+    corpus = PreparedCorpus(data or meta.get("config", {}).get("data", {}).get("path", ""))
+    if not corpus.shard_path(split).is_file():
+        raise UserError(f"{corpus.shard_path(split)} not found; pass --data with the prepared corpus folder "
+                        f"(the one given to train --data)")
+    tokens = corpus.tokens(split)
+    result = evaluate_split(model, tokens, model.config.context_length, token_byte_lengths(tokenizer),
+                            split_bytes=corpus.split_bytes(split), max_targets=max_tokens, batch_size=batch_size,
+                            device=device)
+    row = {"checkpoint": meta["checkpoint"], "step": meta.get("step"), "split": split,
+           "data": str(corpus.path.resolve()), "whole_split": result["tokens"] == len(tokens) - 1, **result}
+    run = RunDir(meta["run_dir"])
+    if record and run.has_config():
+        run.append_eval(row)
+    return row

@@ -1,12 +1,16 @@
-"""Plots and `report.md` for a run folder (`gtransformer report`).
+"""Plots, `report.md` and `MODEL_CARD.md` for a run folder (`gtransformer report`).
 
-Reads only what training wrote (metrics, samples, config of a `RunDir`), so it
-works while a run is still going and on a copied run folder. Figures use
-matplotlib's object API (`Figure`), which draws without pyplot's global state.
+The plots and report.md read only what training wrote (metrics, samples, config of a `RunDir`), so they
+work while a run is still going and on a copied run folder. The model card (model_card.py) also wants
+bits per byte on the held-out splits: `measure_held_out` evaluates the newest checkpoint on val and test
+(`evaluate_checkpoint`, recorded in evals.jsonl) unless evals.jsonl already holds those measurements,
+over the whole split up to `EVAL_TOKENS` predictions, when the run's prepared corpus is reachable.
+Figures use matplotlib's object API (`Figure`), which draws without pyplot's global state.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,12 @@ from matplotlib.figure import Figure
 
 from gtransformer.errors import UserError
 from gtransformer.files import write_text_atomic
+from gtransformer.runtime import pick_device
+from gtransformer.training.evaluate import evaluate_checkpoint
+from gtransformer.training.model_card import checkpoint_tables, corpus_of, write_model_card
 from gtransformer.training.run_dir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 def split_metrics(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -123,7 +132,46 @@ def write_markdown(run: RunDir, train: list[dict], evals: list[dict], samples: l
     return run.report_path
 
 
-def make_report(run_dir: str | Path) -> Path:
+EVAL_TOKENS = 1_000_000  # predictions per split `report` evaluates at most (the first ones); 0 = no bound
+
+
+def measure_held_out(run: RunDir, max_tokens: int = EVAL_TOKENS, device: str = "auto") -> list[dict[str, Any]]:
+    """The newest checkpoint's val and test rows of evals.jsonl, each measured now when it is missing.
+
+    A recorded row counts when it covers the whole split or at least `max_tokens` predictions (0 = whole
+    split). Nothing is measured without a checkpoint or where the run's prepared split is not reachable.
+    """
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is None:
+        return []
+    tables = checkpoint_tables(run, checkpoint)
+    corpus = corpus_of(tables)
+    step = checkpoint.read_meta().get("step")
+    rows = []
+    for split in ("val", "test"):
+        if corpus is None or not corpus.shard_path(split).is_file():
+            log.info("the %s split is not reachable (data.path = %s): the model card will say it was not measured",
+                     split, tables.get("data", {}).get("path"))
+            continue
+        here = str(corpus.path.resolve())
+        recorded = [r for r in run.evals() if (r.get("step"), r.get("split"), r.get("data")) == (step, split, here)
+                    and (r.get("whole_split") or (max_tokens and r.get("tokens", 0) >= max_tokens))]
+        if recorded:
+            rows.append(recorded[-1])
+            continue
+        log.info("measuring bits per byte of step %s on the %s split (%s)", step, split,
+                 f"at most {max_tokens:,} predictions" if max_tokens else "whole split")
+        rows.append(evaluate_checkpoint(checkpoint.path, split, max_tokens=max_tokens or None,
+                                        batch_size=tables.get("train", {}).get("eval_batch_size", 8),
+                                        device=pick_device(device)))
+    return rows
+
+
+def make_report(run_dir: str | Path, measure: bool = True, eval_tokens: int = EVAL_TOKENS,
+                device: str = "auto") -> Path:
+    """Plots, report.md and MODEL_CARD.md; with `measure`, val and test are evaluated first (`measure_held_out`)."""
+    if eval_tokens < 0:
+        raise UserError(f"--eval-tokens {eval_tokens} must be >= 0 (0 = whole splits)")
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise UserError(f"run folder {run.path} does not exist; pass the folder given to `gtransformer train --out`")
@@ -131,4 +179,8 @@ def make_report(run_dir: str | Path) -> Path:
     if not train:
         raise UserError(f"{run.metrics_path} has no training rows yet; train first (or wait for the first log step)")
     plots = plot(run, train, evals)
-    return write_markdown(run, train, evals, run.samples(), plots)
+    report = write_markdown(run, train, evals, run.samples(), plots)
+    if measure:
+        measure_held_out(run, eval_tokens, device)
+    write_model_card(run)
+    return report

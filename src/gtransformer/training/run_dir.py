@@ -4,12 +4,14 @@
     DIR/tokenizer.json       a copy of the corpus's tokenizer
     DIR/metrics.jsonl        one JSON row per log step ("kind": "train") and evaluation ("kind": "eval")
     DIR/samples.jsonl        one JSON row per sample: step, tokens, prompt, text
+    DIR/evals.jsonl          one JSON row per evaluation of a checkpoint by `eval` or `report` (split, step, bpb...)
     DIR/chat_template.json   how chat messages become a prompt when the run is served (inference/chat.py)
     DIR/tensorboard/         TensorBoard events (when tensorboard is installed)
     DIR/checkpoints/step-XXXXXXX/{model.safetensors, state.pt, meta.json}
     DIR/report.md, *.png     written by `gtransformer report`
+    DIR/MODEL_CARD.md        written by `gtransformer report` (training/model_card.py)
 
-`train` writes it; `eval`, `generate`, `report` and `export` read it.
+`train` writes it; `eval`, `generate`, `report` and `export` read it (`eval` and `report` add evals.jsonl rows).
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ class RunDir:
         return self.path / "samples.jsonl"
 
     @property
+    def evals_path(self) -> Path:
+        return self.path / "evals.jsonl"
+
+    @property
     def chat_template_path(self) -> Path:
         return self.path / "chat_template.json"  # how `serve` renders chat messages (inference/chat.py)
 
@@ -108,6 +114,10 @@ class RunDir:
     @property
     def report_path(self) -> Path:
         return self.path / "report.md"
+
+    @property
+    def model_card_path(self) -> Path:
+        return self.path / "MODEL_CARD.md"
 
     def plot_path(self, name: str) -> Path:
         return self.path / f"{name}.png"
@@ -132,11 +142,17 @@ class RunDir:
     def samples(self) -> list[dict[str, Any]]:
         return read_jsonl(self.samples_path)
 
+    def evals(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.evals_path)
+
     def append_metrics(self, row: dict[str, Any]) -> None:
         self._append(self.metrics_path, [row])
 
     def append_samples(self, rows: list[dict[str, Any]]) -> None:
         self._append(self.samples_path, rows)
+
+    def append_eval(self, row: dict[str, Any]) -> None:
+        self._append(self.evals_path, [row])
 
     @staticmethod
     def _append(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -146,7 +162,7 @@ class RunDir:
 
     def truncate_logs(self, after_step: int) -> None:
         """Drop log rows after `after_step`: work after the checkpoint a run resumes from is redone."""
-        for path in (self.metrics_path, self.samples_path):
+        for path in (self.metrics_path, self.samples_path, self.evals_path):
             if path.is_file():
                 kept = [row for row in read_jsonl(path) if row.get("step", 0) <= after_step]
                 write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))

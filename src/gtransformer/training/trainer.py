@@ -39,6 +39,7 @@ from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
 from gtransformer.runtime import (
     autocast_context,
+    device_name,
     device_peak_flops,
     init_distributed,
     memory_stats,
@@ -295,7 +296,10 @@ class Trainer:
             "rng": rng_state(),
         }
         meta = {"epoch": self.loader.position.epoch, "tokens_seen": self.state.tokens_seen, "keep": epoch_end,
-                "config": self.resolved_tables()}
+                "config": self.resolved_tables(),
+                # What this session ran on (the model card's hardware and precision).
+                "hardware": {"device": device_name(self.device), "processes": self.dist.world_size,
+                             "parallel": self.parallel.name, "precision": self.precision}}
         path = save_checkpoint(self.run, self.state.step, weights, train_state, meta, keep_last=self.config.keep_last)
         log.info("saved %s", path)
 
