@@ -260,3 +260,14 @@ def test_stop_with_drain_finishes_in_flight_requests(model, tokenizer):
         assert tokens == alone(model, prompt, greedy(12)) and final.finish_reason == "length"
     with pytest.raises(UserError):
         engine.submit(PROMPTS[0], greedy(4))
+
+
+def test_engine_never_samples_ids_the_tokenizer_lacks(make_model, tokenizer):
+    n = tokenizer.vocab_size
+    model = make_model(vocab_size=n + 20)
+    with torch.no_grad():
+        model.lm_head.weight[n:] = model.lm_head.weight[:20] * 50
+    with Engine(model, tokenizer, max_batch=2) as engine:
+        requests = [engine.submit(PROMPTS[0], SamplingConfig(max_new_tokens=8, temperature=t, seed=1)) for t in (0, 1.0)]
+        results = [r.result(timeout=WAIT)[0] for r in requests]
+    assert all(tokens and all(0 <= t < n for t in tokens) for tokens in results)

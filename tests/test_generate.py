@@ -462,3 +462,22 @@ def test_interactive_loop_survives_ctrl_c_during_a_generation(tmp_path, make_run
     assert process.returncode == 0, err
     assert "[interrompido]" in out and "O coração" in out
     assert err.count("tokens/s") == 2 and "Traceback" not in err
+
+
+def test_a_model_vocab_larger_than_the_tokenizer_never_samples_a_missing_id(make_model):
+    """model.vocab_size may exceed the tokenizer's (padding, a smaller prepared vocabulary): never sample those ids."""
+    tokenizer = Tokenizer.train_bpe(["Era uma vez uma casa. O amor é fogo que arde sem se ver. " * 20],
+                                    vocab_size=300, min_frequency=1)
+    n = tokenizer.vocab_size
+    model = make_model(vocab_size=n + 20)
+    with torch.no_grad():
+        model.lm_head.weight[n:] = model.lm_head.weight[:20] * 50  # the missing ids would win every step
+    prompt = [tokenizer.encode("Era uma vez")]
+    unlimited = generate(model, prompt, SamplingConfig(max_new_tokens=8, temperature=0))[0]
+    assert any(t >= n for t in unlimited)  # the setup really prefers them
+    for temperature in (0, 1.0):
+        sampling = SamplingConfig(max_new_tokens=8, temperature=temperature, seed=1)
+        limited = generate(model, prompt, generate_module.for_tokenizer(tokenizer, sampling))[0]
+        assert limited and all(0 <= t < n for t in limited)
+        (text,) = generate_text(model, tokenizer, ["Era uma vez"], sampling)  # decodes without an error
+        assert isinstance(text, str)

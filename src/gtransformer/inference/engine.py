@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import secrets
 import threading
@@ -37,7 +36,7 @@ import torch
 from gtransformer.errors import UserError
 from gtransformer.inference.compiled_decode import CompiledDecoder
 from gtransformer.inference.decode import Decoder, supports_fast_decode
-from gtransformer.inference.generate import DECODE_DTYPES, SINGLE_THREAD_MAX_PREFILL, DecodeOptions
+from gtransformer.inference.generate import DECODE_DTYPES, SINGLE_THREAD_MAX_PREFILL, DecodeOptions, for_tokenizer
 from gtransformer.inference.sampling import SamplingConfig, sample_next
 from gtransformer.inference.stream import TextStream
 from gtransformer.model.attention import KVCache
@@ -223,9 +222,7 @@ class Engine:
                             f"lower max_new_tokens")
         if not 0 <= logprobs <= vocab:
             raise UserError(f"logprobs = {logprobs} must lie in [0, {vocab}]")
-        if not sampling.stop_token_ids:  # the tokenizer's end-of-text, as `generate.stream` does
-            sampling = dataclasses.replace(sampling, stop_token_ids=(self.tokenizer.eot_id,))
-        return sampling
+        return for_tokenizer(self.tokenizer, sampling)  # as `generate.stream` does
 
     def _wake(self) -> None:
         with self._cond:
@@ -375,7 +372,8 @@ class Engine:
                 logits = self.model(tokens[:, None], cache=view, position_ids=view.next_slots[:, None]).logits[:, -1]
             self._steps += 1
             logits = logits.float()
-            argmax = logits.argmax(-1).tolist()  # one op for every greedy row (sample_next's temperature-0 rule)
+            # One op for every greedy row (sample_next's temperature-0 rule, over the tokenizer's ids).
+            argmax = logits[:, : self.tokenizer.vocab_size].argmax(-1).tolist()
             finished = []
             for row, slot in enumerate(slots):
                 slot.length += 1

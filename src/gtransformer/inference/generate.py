@@ -202,10 +202,12 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return ids if ids else [tokenizer.eot_id]
 
 
-def _with_default_stops(tokenizer, sampling: SamplingConfig) -> SamplingConfig:
-    if sampling.stop_token_ids:
-        return sampling
-    return dataclasses.replace(sampling, stop_token_ids=(tokenizer.eot_id,))
+def for_tokenizer(tokenizer, sampling: SamplingConfig) -> SamplingConfig:
+    """sampling that stops at the tokenizer's end-of-text (unless it names stops) and never samples an id
+    the tokenizer lacks (a model whose vocab_size exceeds the tokenizer's)."""
+    stops = sampling.stop_token_ids or (tokenizer.eot_id,)
+    limit = tokenizer.vocab_size if sampling.vocab_limit is None else min(sampling.vocab_limit, tokenizer.vocab_size)
+    return dataclasses.replace(sampling, stop_token_ids=stops, vocab_limit=limit)
 
 
 @dataclass
@@ -232,7 +234,7 @@ def stream(model, tokenizer, prompt: str, sampling: SamplingConfig, options: Dec
     Stops at the end-of-text token (unless other stop ids are given), at a
     stop string (which is not yielded), or after max_new_tokens.
     """
-    sampling = _with_default_stops(tokenizer, sampling)
+    sampling = for_tokenizer(tokenizer, sampling)
     text = TextStream(tokenizer, sampling.stop_strings)
     for (token,) in iter_tokens(model, [prompt_ids(tokenizer, prompt)], sampling, options):
         if token < 0:
@@ -252,7 +254,7 @@ def stream(model, tokenizer, prompt: str, sampling: SamplingConfig, options: Dec
 def generate_text(model, tokenizer, prompts: Sequence[str], sampling: SamplingConfig,
                   options: DecodeOptions | None = None, stats: GenerationStats | None = None) -> list[str]:
     """Continuations of several prompts, generated as one batch."""
-    sampling = _with_default_stops(tokenizer, sampling)
+    sampling = for_tokenizer(tokenizer, sampling)
     streams = [TextStream(tokenizer, sampling.stop_strings) for _ in prompts]
     pieces: list[list[str]] = [[] for _ in prompts]
     for ids in iter_tokens(model, [prompt_ids(tokenizer, p) for p in prompts], sampling, options):

@@ -26,6 +26,8 @@ class SamplingConfig:
     stop_token_ids: Sequence[int] = ()  # generation of a row ends at any of these (not included in output)
     stop_strings: Sequence[str] = field(default_factory=tuple)  # text generation ends before any of these
     seed: int | None = None  # same seed, same model, same prompt -> same text
+    # Ids >= this are never produced: the tokenizer's size, when the model's vocab_size is larger.
+    vocab_limit: int | None = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -67,6 +69,9 @@ def sample_next(
     logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None, seen: torch.Tensor | None
 ) -> torch.Tensor:
     """logits (B, V) float32 -> next token ids (B,)."""
+    if sampling.vocab_limit is not None and sampling.vocab_limit < logits.shape[-1]:
+        logits = logits[:, : sampling.vocab_limit]  # a prefix: ids keep their meaning
+        seen = None if seen is None else seen[:, : sampling.vocab_limit]
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
     if sampling.temperature == 0:
