@@ -1,12 +1,11 @@
 """Attention probabilities of one layer, recomputed from the layer's own inputs (no change to the model).
 
 A forward hook on `model.layers[layer].self_attn` captures its input (the normed residual stream and
-the RoPE cos/sin it was given) and its output. The queries and keys are rebuilt the way
-`model.attention.Attention.forward` builds them (projections, optional QK-norm, `primitives.apply_rope`),
-and the causal mask is `model.attention.visible_keys`; tests check that probs @ V through o_proj
+the RoPE cos/sin it was given) and its output. The queries and keys come from the layer's own
+`Attention.qkv` (projections, optional QK-norm, RoPE: what its forward uses), and the causal mask is
+`model.attention.visible_keys`; tests check that probs @ V through o_proj
 gives back the layer's own output.
 
-    attention_qkv         an Attention module's q, k, v for input x (as its forward computes them)
     causal_probs          q, k -> softmax attention probabilities, GQA (query head h reads K/V head h // G)
     capture_attention     input ids -> probabilities, values and the layer's real output (`AttentionCapture`)
     sentence_attention    a text -> `AttentionMaps` (tokens + probabilities of every query head)
@@ -31,19 +30,6 @@ from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.errors import UserError
 from gtransformer.model.attention import Attention, visible_keys
 from gtransformer.model.model import GPT
-from gtransformer.model.primitives import apply_rope
-
-
-def attention_qkv(attn: Attention, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """(q_BHTD, k_BKTD, v_BKTD) as `Attention.forward` computes them: projections, QK-norm, RoPE on q and k."""
-    B, T, _ = x_BTC.shape
-    q_BHTD = attn.q_proj(x_BTC).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k_BKTD = attn.k_proj(x_BTC).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    v_BKTD = attn.v_proj(x_BTC).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    if attn.q_norm is not None:
-        q_BHTD, k_BKTD = attn.q_norm(q_BHTD), attn.k_norm(k_BKTD)
-    cos, sin = cos.to(q_BHTD.dtype), sin.to(q_BHTD.dtype)
-    return apply_rope(q_BHTD, cos, sin), apply_rope(k_BKTD, cos, sin), v_BKTD
 
 
 def causal_probs(q_BHTD: torch.Tensor, k_BKTD: torch.Tensor) -> torch.Tensor:
@@ -73,7 +59,7 @@ def capture_attention(model: GPT, input_ids_BT: torch.Tensor, layer: int) -> Att
 
     def hook(module, args, output):
         x_BTC, cos, sin = args[:3]
-        captured["qkv"] = attention_qkv(module, x_BTC, cos, sin)
+        captured["qkv"] = module.qkv(x_BTC, cos, sin)
         captured["output"] = output
         raise StopForward  # later layers and lm_head are not needed
 
