@@ -130,3 +130,21 @@ def test_bench_serve_drives_a_real_server(tmp_path, capsys, make_run):
     assert [r["clients"] for r in rows] == [1, 2]
     assert all(r["errors"] == 0 and r["requests"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert rows[0]["x_one_client"] == pytest.approx(1.0)
+
+
+def test_bench_quality_trains_each_configuration_for_the_budget(tmp_path, capsys, make_corpus, tiny_tables):
+    import bench_quality
+    from gtransformer.config import to_toml
+
+    corpus = make_corpus(tmp_path / "data")
+    config = tmp_path / "toy.toml"
+    config.write_text(to_toml(tiny_tables(corpus, eval_every=3, checkpoint_every=0)))
+    out = tmp_path / "quality.json"
+    assert bench_quality.main(["--data", str(corpus), "--minutes", "0.04", "--threads", "1", "--out",
+                               str(tmp_path / "runs"), "--json", str(out),
+                               "--config", f"moe={config}", "--config", f"dense={config} model.n_experts=0"]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"moe", "dense"} and rows["moe"]["vs_first"] == 0
+    assert all(r["steps"] > 0 and 0 < r["val_bpb"] < 20 and r["curve"] for r in rows.values())
+    assert "n_experts = 0" in (tmp_path / "runs" / "dense" / "config.toml").read_text()
+    assert (tmp_path / "runs" / "quality.png").is_file() and "val bpb" in capsys.readouterr().out
