@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from gtransformer.cli import main
 from gtransformer.data.corpus import PreparedCorpus
@@ -20,6 +21,7 @@ from gtransformer.data.prepare import prepare
 from gtransformer.interop.hf import HUB_METADATA
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
+from gtransformer.runtime import resolve_precision
 from gtransformer.training.checkpoint import load_for_inference
 from gtransformer.training.evaluate import evaluate_split, token_byte_lengths
 from gtransformer.training.model_card import write_model_card
@@ -116,7 +118,9 @@ def test_card_numbers_are_those_of_metrics_evals_and_stats(trained):
     assert row_of(card, "tokens seen").startswith(f"{last_train['tokens']:,} ({last_train['epoch']:.3f} epochs")
     assert row_of(card, "final train loss") == f"{last_train['loss']:.4f} nats/token"
     assert last_train["elapsed_s"] < 60 and row_of(card, "training time").startswith(f"{last_train['elapsed_s']:.1f} s (")
-    assert row_of(card, "hardware").startswith("CPU (") and row_of(card, "precision") == "float32"
+    session = run.latest_checkpoint().read_meta()["hardware"]  # what the trainer ran with
+    assert row_of(card, "hardware").startswith("CPU (") and row_of(card, "precision") == session["precision"]
+    assert session["precision"] == resolve_precision("auto", torch.device("cpu"))
 
     # Evaluation: training's last val measurement, as metrics.jsonl has it...
     assert (f"| val | 4 | {last_eval['val_tokens']:,} | first part | {last_eval['val_loss']:.4f} | "

@@ -57,16 +57,41 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested not in PRECISIONS:
-        raise UserError(f"train.precision = {requested!r}; use {', '.join(PRECISIONS)}")
-    if requested != "auto":
-        return requested
+def cpu_bf16_feature() -> str | None:
+    """The CPU feature that runs bfloat16 matmuls natively ("amx_bf16" or "avx512_bf16"), or None.
+
+    Read from /proc/cpuinfo (Linux). Without one of them (AVX2-only CPUs, say) oneDNN emulates bfloat16
+    and autocast is slower than float32; elsewhere (macOS, Windows) None: float32 is the safe answer.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return next((feature for feature in ("amx_bf16", "avx512_bf16") if feature in flags), None)
+
+
+def auto_precision(device: torch.device) -> tuple[str, str]:
+    """What precision = "auto" picks on this device, and why (for the log)."""
     if device.type == "cuda":
         # T4 and P100 (Kaggle, Colab) have no native bfloat16 (torch.cuda.is_bf16_supported() also counts
         # emulation, true there): float16 with a gradient scaler instead. Native bf16 starts at Ampere (sm 8.0).
-        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
-    return "float32"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bfloat16", f"GPU compute capability {major}.{minor} has native bfloat16"
+        return "float16", f"GPU compute capability {major}.{minor} has no native bfloat16; float16 with a grad scaler"
+    if device.type == "cpu":
+        feature = cpu_bf16_feature()
+        if feature:
+            return "bfloat16", f"the CPU has {feature} (native bfloat16 matmuls)"
+        return "float32", "the CPU has no native bfloat16 (AMX or AVX-512 BF16), where bfloat16 would be slower"
+    return "float32", f"{device.type} trains in float32"
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested not in PRECISIONS:
+        raise UserError(f"train.precision = {requested!r}; use {', '.join(PRECISIONS)}")
+    return auto_precision(device)[0] if requested == "auto" else requested
 
 
 def autocast_context(device: torch.device, precision: str):

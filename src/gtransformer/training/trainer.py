@@ -38,6 +38,7 @@ from gtransformer.inference import chat
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
 from gtransformer.runtime import (
+    auto_precision,
     autocast_context,
     device_name,
     device_peak_flops,
@@ -93,6 +94,8 @@ class Trainer:
 
         self.dist, self.device = init_distributed(device)
         self.precision = resolve_precision(config.precision, self.device)
+        if config.precision == "auto" and self.dist.is_main:
+            log.info("precision auto -> %s: %s", self.precision, auto_precision(self.device)[1])
         if config.compile:
             require_cpp_compiler(self.device, "set train.compile = false")
         if self.dist.is_main:
