@@ -19,7 +19,7 @@ from gtransformer.data import download as dl
 from gtransformer.errors import UserError
 
 BOOK = "/cache/epub/101/pg101.txt"
-FAST = dict(timeout=0.5, retries=2, backoff=0.01, max_wait=1.0, progress=False)
+FAST = dict(timeout=1.0, retries=2, backoff=0.01, max_wait=1.0, progress=False)
 
 
 def hostile(plan: dict[str, list[str]]):
