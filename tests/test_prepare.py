@@ -96,6 +96,8 @@ def test_duplicates_across_ids_and_user_errors(small_mirror, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no books"):
         prep.prepare(tmp_path / "empty", tmp_path / "o3")
+    with pytest.raises(UserError, match="is the --raw folder"):
+        prep.prepare(raw, raw / ".", vocab_size=300)
 
 
 def test_tokenizer_sample_is_a_deterministic_spread_of_train_blocks():

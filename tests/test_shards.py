@@ -63,3 +63,11 @@ def test_damaged_shards_raise_user_errors(tmp_path, damage, message):
 def test_missing_shard(tmp_path):
     with pytest.raises(UserError, match="gtransformer prepare"):
         read_shard(tmp_path / "nope.bin")
+
+
+def test_ids_beyond_the_vocabulary_give_one_clear_line(tmp_path):
+    path = write_shard(tmp_path / "g.bin", [0, 906, 5], vocab_size=1024)
+    assert read_shard(path, vocab_size=907).tolist() == [0, 906, 5]
+    with pytest.raises(UserError, match="holds token id 906 but its tokenizer has only 512 tokens"):
+        read_shard(path, vocab_size=512)
+    assert len(read_shard(write_shard(tmp_path / "h.bin", [], vocab_size=10), vocab_size=1)) == 0

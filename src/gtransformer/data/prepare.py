@@ -4,7 +4,9 @@ Steps (each a function usable from Python):
 `load_raw_books` -> `clean_books` (multiprocessing) -> `filter_books` (language,
 duplicates) -> `assign_splits` (by book id hash) -> tokenizer (BPE trained on
 train only, or a tiktoken encoding) -> `write_split_shards` -> stats.json and
-manifest.json. Each book in a shard is preceded by `<|endoftext|>`.
+manifest.json. Each book in a shard is preceded by `<|endoftext|>`. The files are written
+into the corpus's staging folder and published together (`PreparedCorpus.publish`), so a
+killed run leaves the previous corpus in place.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +248,8 @@ def prepare(
         timings[name.removesuffix("_s") + "_cpu_s"] = round(cpu_now - cpu_clock, 2)
         clock, cpu_clock = now, cpu_now
 
+    if Path(out).resolve() == Path(raw).resolve():
+        raise UserError(f"--out {out} is the --raw folder; prepare into another folder (e.g. data/prepared)")
     # Fail on an unavailable tiktoken encoding before minutes of cleaning.
     tokenizer = Tokenizer.from_tiktoken(tiktoken_encoding) if tiktoken_encoding else None
     books = load_raw_books(raw)
@@ -255,12 +260,21 @@ def prepare(
     kept = [b for b in books if b.dropped is None]
     if not any(b.split == "train" for b in kept):
         raise UserError(f"no book left for the train split out of {len(books)}; check --raw, --split and the dropped reasons")
-    corpus.path.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
         tokenizer = Tokenizer.train_bpe(tokenizer_sample(kept, tokenizer_sample_mb, salt), vocab_size=vocab_size)
         lap("tokenizer_train_s")
-    corpus.write_tokenizer(tokenizer)
-    split_stats = write_split_shards(books, tokenizer, corpus, progress=progress)
+    # Everything goes to a staging folder first; `publish` moves it into `out` once complete.
+    staged = corpus.staging()
+    try:
+        staged.write_tokenizer(tokenizer)
+        split_stats = write_split_shards(books, tokenizer, staged, progress=progress)
+        staged.write_manifest({"books": {
+            str(b.id): {"id": b.id, "title": b.title, "author": b.author, "split": b.split, "dropped": b.dropped, **b.info}
+            for b in books
+        }})
+    except BaseException:
+        shutil.rmtree(staged.path, ignore_errors=True)
+        raise
     lap("encode_s")
 
     val = split_stats["val"]
@@ -285,15 +299,7 @@ def prepare(
         "dropped": {str(b.id): b.dropped for b in books if b.dropped},
         "timings": timings,
     }
-    manifest = {
-        "books": {
-            str(b.id): {"id": b.id, "title": b.title, "author": b.author, "split": b.split, "dropped": b.dropped, **b.info}
-            for b in books
-        }
-    }
-    corpus.write_manifest(manifest)
-    corpus.write_stats(stats)
-    return stats
+    return corpus.publish(staged, stats)
 
 
 def _cpu_seconds() -> float:
