@@ -125,7 +125,7 @@ CASES = [
     (["train", "--config", "{root}/latin1.txt", "--data", "{corpus}", "--out", "{out}"], "is not UTF-8 text"),
     (["train", "--config", "{root}/value-section.toml", "--data", "{corpus}", "--out", "{out}"],
      "[train] must be a table"),
-    (["train", "--config", "{root}/top-level.toml", "--data", "{corpus}", "--out", "{out}"], "unknown section [lr]"),
+    (["train", "--config", "{root}/top-level.toml", "--data", "{corpus}", "--out", "{out}"], "lr = 0.1 sits outside any table; put it under [train]"),
     (["train", "--config", "{root}/list.toml", "--data", "{corpus}", "--out", "{out}"],
      "train.sample_prompts = 'Era uma vez' must be a list"),
     (["train", "--config", "{root}/nan.toml", "--data", "{corpus}", "--out", "{out}"],

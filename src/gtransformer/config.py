@@ -71,6 +71,11 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
     return config
 
 
+def shown_name(name: str) -> str:
+    """A name as an error line shows it: as is when printable, else quoted with escapes (a key "a\nb")."""
+    return name if name.isprintable() and name.strip() == name and name else repr(name)
+
+
 def did_you_mean(name: str, valid: Iterable[str], prefix: str = "", suffix: str = "") -> str:
     """'; did you mean PREFIX<closest>SUFFIX?' for the valid name nearest to `name`, or '' when none is near."""
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
@@ -82,7 +87,7 @@ def check_names(given: Iterable[str], valid: Iterable[str], what: str, prefix: s
 
     `what` is "key" or "section"; every name is shown as PREFIX name SUFFIX ("train.lr", "[train]")."""
     valid = sorted(valid)
-    unknown = sorted(str(name) for name in given if name not in valid)
+    unknown = sorted(shown_name(str(name)) for name in given if name not in valid)
     if not unknown:
         return
     first = unknown[0]
@@ -192,14 +197,14 @@ def mask_secrets(value: Any) -> Any:
 
 
 def _escape(ch: str) -> str:
-    """One character of a TOML basic string: quotes, backslashes and control characters escaped."""
+    """One character of a TOML basic string: quotes, backslashes and unprintable characters escaped."""
     if ch in '"\\':
         return "\\" + ch
     if ch == "\n":
         return "\\n"
-    if ord(ch) < 0x20 or ord(ch) == 0x7F:
-        return f"\\u{ord(ch):04x}"
-    return ch
+    if ch.isprintable():
+        return ch
+    return f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}"
 
 
 def to_toml(tables: dict[str, dict[str, Any]]) -> str:

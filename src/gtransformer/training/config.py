@@ -7,10 +7,10 @@ before step 0, never a ZeroDivisionError or an optimizer's ValueError steps late
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from gtransformer.config import check_names, coerce_fields, from_dict
+from gtransformer.config import check_names, coerce_fields, from_dict, shown_name
 from gtransformer.errors import UserError
 from gtransformer.inference.sampling import SEED_LIMIT, SamplingConfig
 from gtransformer.model.config import ModelConfig
@@ -137,6 +137,11 @@ SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
 def check_sections(tables: dict[str, Any]) -> None:
     """Only [model], [train] and [data], each a table (the nearest name for a misspelt one)."""
+    for name, value in tables.items():
+        if name not in SECTIONS and not isinstance(value, dict):  # `lr = 1e-3` above every [table]
+            home = [section for section, cls in SECTIONS.items() if name in {f.name for f in fields(cls)}]
+            where = f"put it under [{home[0]}]" if home else "put each key under [model], [train] or [data]"
+            raise UserError(f"{shown_name(name)} = {value!r} sits outside any table; {where}"[:300])
     check_names(tables, SECTIONS, "section", "[", "]")
     for name, table in tables.items():
         if not isinstance(table, dict):
