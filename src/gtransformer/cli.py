@@ -6,7 +6,8 @@ code or None). The command modules are imported here, by name, so that a
 library module never imports the CLI. This module owns the logging setup: a
 command whose stdout carries its output (`generate`) sets ``quiet_logging`` and
 gets warnings only unless ``-v``.
-User mistakes surface as UserError and end as one line on stderr, exit code 2.
+User mistakes surface as UserError and end as one line on stderr, exit code 2; so do argparse's own
+errors (a missing option, a word where a number goes) and any float option given as nan or inf.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
 
 from gtransformer import __version__
+from gtransformer.config import did_you_mean
 from gtransformer.errors import UserError
 
 # In pipeline order: the order `gtransformer --help` lists them.
@@ -32,8 +35,33 @@ COMMAND_MODULES = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (`gtransformer CMD: error: ...`, exit 2), like UserError's,
+    instead of the usage block followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+    def unrecognized(self, extras: list[str]):
+        """The error for arguments no option takes, with the nearest option's name for a misspelt one."""
+        options = [o for action in self._actions for o in action.option_strings]
+        flag = next((e.split("=")[0] for e in extras if e.startswith("-")), None)
+        hint = did_you_mean(flag, options).lstrip("; ") if flag else ""
+        self.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({hint})" if hint else ""))
+
+
+def non_finite_option(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """'--option value' of the first float option holding nan or inf (argparse's float() accepts both)."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values) and action.option_strings:
+            return f"{action.option_strings[-1]} {value if not isinstance(value, tuple) else '/'.join(map(str, value))}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gtransformer",
         description="Train, study and use a GQA + Mixture-of-Experts language model on Portuguese books.",
         epilog="Pipeline: download -> prepare -> train -> eval / generate / report / export. "
@@ -49,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subparser = commands.choices.get(args.command, parser)
+    if extras:
+        subparser.unrecognized(extras)
     quiet = getattr(args, "quiet_logging", False)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
@@ -59,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    bad = non_finite_option(subparser, args)
+    if bad:
+        subparser.error(f"argument {bad}: must be a finite number")
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"gtransformer {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split("\n"))  # one line, whatever the message quotes
+        print(f"gtransformer {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gtransformer {args.command}: interrupted", file=sys.stderr)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import time
 
-from gtransformer.data.download import DEFAULT_MIRROR, download
+from gtransformer.data.download import DEFAULT_MIRROR, download, open_mirror
 from gtransformer.errors import UserError
 
 
 def parse_ids(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.replace(",", " ").split()]
+        ids = [int(part) for part in text.replace(",", " ").split()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--ids {text!r}: expected numbers like 2837,3333") from None
+        ids = []
+    if not ids or any(i < 1 for i in ids):
+        raise argparse.ArgumentTypeError(f"--ids {text!r}: expected positive book ids like 2837,3333")
+    return ids
 
 
 def register(subparsers) -> None:
@@ -43,6 +46,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--limit {args.limit} must be at least 1")
     if args.delay is not None and args.delay < 0:
         raise UserError(f"--delay {args.delay} must not be negative")
+    if not args.timeout > 0:
+        raise UserError(f"--timeout {args.timeout} must be > 0 seconds")
+    if args.retries < 0:
+        raise UserError(f"--retries {args.retries} must not be negative")
+    if any(not code.strip() for code in args.languages or []):
+        raise UserError("--language needs a catalog language code such as pt")
+    open_mirror(args.mirror, timeout=args.timeout, retries=args.retries).close()  # a wrong --mirror: before --out exists
     started = time.perf_counter()
     summary = download(
         mirror=args.mirror, out=args.out, languages=args.languages or ["pt"], ids=args.ids, limit=args.limit,

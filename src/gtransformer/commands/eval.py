@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from gtransformer.errors import UserError
 from gtransformer.runtime import pick_device
 from gtransformer.training.evaluate import evaluate_checkpoint
 
@@ -29,6 +30,10 @@ def register(subparsers) -> None:
 
 
 def run_eval(args) -> int:
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UserError(f"--max-tokens {args.max_tokens} must be at least 1 (leave it out for the whole split)")
     row = evaluate_checkpoint(args.run, args.split, data=args.data, max_tokens=args.max_tokens,
                               batch_size=args.batch_size, device=pick_device(args.device))
     print(json.dumps(row, indent=2))

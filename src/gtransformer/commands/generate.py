@@ -19,6 +19,12 @@ from gtransformer.runtime import pick_device
 from gtransformer.training.checkpoint import load_for_inference
 
 
+# SamplingConfig's fields as this command's options (its rules name the option a user got wrong).
+OPTION_NAMES = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                "top_p": "--top-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed",
+                "stop_strings": "--stop"}
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
@@ -65,6 +71,8 @@ def register(subparsers) -> None:
 def read_prompt(args: argparse.Namespace) -> str:
     """--prompt, else --prompt-file (`-` = standard input), else piped standard input, else "" (a new document)."""
     if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UserError("--prompt is empty; pass the text to continue, or leave --prompt out to start a new document")
         return args.prompt
     if args.prompt_file == "-" or (args.prompt_file is None and not sys.stdin.isatty()):
         try:
@@ -74,17 +82,23 @@ def read_prompt(args: argparse.Namespace) -> str:
         except OSError:  # no readable standard input (a closed or captured one): start a new document
             return ""
     if args.prompt_file:
-        return read_utf8(Path(args.prompt_file), "--prompt-file")
+        text = read_utf8(Path(args.prompt_file), "--prompt-file")
+        if not text.strip():
+            raise UserError(f"--prompt-file {args.prompt_file} is empty; write the text to continue in it, "
+                            f"or leave --prompt-file out to start a new document")
+        return text
     return ""
 
 
 def read_utf8(path: Path, option: str) -> str:
     if not path.is_file():
-        raise UserError(f"{option} {path} not found")
+        raise UserError(f"{option} {path} {'is a folder, not a file' if path.is_dir() else 'not found'}")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{option} {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{option} {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
 
 
 def check_fits(tokenizer, context_length: int, prompts: list[str], max_new_tokens: int) -> None:
@@ -138,7 +152,6 @@ def run_generate(args: argparse.Namespace) -> int:
         batch = [line for line in read_utf8(Path(args.prompts), "--prompts").splitlines() if line.strip()]
         if not batch:
             raise UserError(f"--prompts {args.prompts} has no prompt (one per line)")
-    prompt = "" if batch is not None or args.interactive else read_prompt(args)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -148,7 +161,8 @@ def run_generate(args: argparse.Namespace) -> int:
         stop_strings=tuple(args.stop),
         seed=args.seed,
     )
-    sampling.validate()
+    sampling.validate(OPTION_NAMES)
+    prompt = "" if batch is not None or args.interactive else read_prompt(args)
     # A command owns its process: few-row CPU steps on one thread (see DecodeOptions.single_thread_steps).
     options = DecodeOptions(dtype=args.decode_dtype, compile=args.compile, single_thread_steps=True)
     options.validate()

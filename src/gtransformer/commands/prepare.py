@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
 from gtransformer.data.prepare import prepare
 from gtransformer.errors import UserError
+
+
+MIN_VOCAB = 257  # byte-level BPE: 256 byte tokens + <|endoftext|>
+MAX_VOCAB = 2**32 - 1
 
 
 def parse_split(text: str) -> tuple[float, float, float]:
@@ -16,7 +21,7 @@ def parse_split(text: str) -> tuple[float, float, float]:
         parts = [float(p) for p in text.replace("/", " ").replace(",", " ").split()]
     except ValueError:
         parts = []
-    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0 or parts[0] <= 0:
+    if len(parts) != 3 or not all(math.isfinite(p) and p >= 0 for p in parts) or sum(parts) <= 0 or parts[0] <= 0:
         raise argparse.ArgumentTypeError(f"--split {text!r}: expected three non-negative ratios with train > 0, e.g. 90/5/5")
     total = sum(parts)
     return tuple(p / total for p in parts)
@@ -55,6 +60,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for option, folder in (("--raw", args.raw), ("--out", args.out)):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"{option} {folder} is a file; pass a folder")
+    if args.tiktoken is None and args.vocab_size < MIN_VOCAB:
+        raise UserError(f"--vocab-size {args.vocab_size} is too small; byte-level BPE needs at least {MIN_VOCAB} "
+                        f"(256 bytes + <|endoftext|>)")
+    if args.vocab_size > MAX_VOCAB:
+        raise UserError(f"--vocab-size {args.vocab_size} is above {MAX_VOCAB} (token ids are stored as uint32)")
     if args.min_words < 0:
         raise UserError(f"--min-words {args.min_words} must not be negative")
     if args.workers < 1:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -99,6 +101,24 @@ class Server(uvicorn.Server):
             print(f"gtransformer serve: listening on http://{host}:{port} (web page at /, API at /v1)", flush=True)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) before the model loads: a port in use or a wrong --host is one line
+    at once. uvicorn listens on this very socket (no window for another program to take the port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: no wait after a restart
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"--port {port} is already in use on {host}; stop the program that holds it or "
+                            f"pick another --port (0 = any free port)") from None
+        raise UserError(f"cannot listen on --host {host} --port {port} ({exc.strerror or exc}); "
+                        f"pass an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    return sock
+
+
 def run_serve(args: argparse.Namespace) -> int:
     for name in ("max_batch", "max_tokens_cap"):
         if getattr(args, name) < 1:
@@ -114,16 +134,20 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset; "
                             f"export {args.api_key_env}=... first")
     options = DecodeOptions(dtype=args.decode_dtype, compile=args.compile, single_thread_steps=True)
-    model, tokenizer, template, name = load_model(args.run, pick_device(args.device))
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, options=options, max_queue=args.max_queue)
-    settings = ServerSettings(model_name=args.model_name or name, max_tokens_cap=args.max_tokens_cap, api_key=api_key)
-    app = create_app(engine, tokenizer, model.config.context_length, settings, template)
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
-    engine.start()
-    try:
-        server.run()
-    finally:
-        engine.stop(drain=True, timeout=GRACEFUL_SHUTDOWN_S)
+    options.validate()
+    sock = bind(args.host, args.port)
+    with contextlib.closing(sock):
+        model, tokenizer, template, name = load_model(args.run, pick_device(args.device))
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, options=options, max_queue=args.max_queue)
+        settings = ServerSettings(model_name=args.model_name or name, max_tokens_cap=args.max_tokens_cap,
+                                  api_key=api_key)
+        app = create_app(engine, tokenizer, model.config.context_length, settings, template)
+        server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                       timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+        engine.start()
+        try:
+            server.run(sockets=[sock])
+        finally:
+            engine.stop(drain=True, timeout=GRACEFUL_SHUTDOWN_S)
     print("gtransformer serve: stopped", file=sys.stderr)
     return 0

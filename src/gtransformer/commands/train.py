@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,25 @@ import torch
 
 from gtransformer.config import apply_overrides, load_toml
 from gtransformer.errors import UserError
+from gtransformer.training.config import check_sections, check_tables
 from gtransformer.training.run_dir import RunDir
 from gtransformer.training.trainer import train
 
 
 def resolve_tables(args) -> dict[str, dict[str, Any]]:
-    """[model], [train], [data] from --config (or the run folder on --resume) plus --set and flags."""
+    """[model], [train], [data] from --config (or the run folder on --resume) plus --set and flags, checked
+    whole (`check_tables`: unknown sections and keys, types, ranges) before anything runs or is written."""
+    for flag, value, low in (("--max-steps", args.max_steps, 0), ("--max-minutes", args.max_minutes, 0),
+                             ("--stop-at-step", args.stop_at_step, 0), ("--threads", args.threads, 1)):
+        if value is not None and not value >= low:
+            raise UserError(f"{flag} {value} must be >= {low}")
+    most_threads = 4 * (os.cpu_count() or 1)
+    if args.threads is not None and args.threads > most_threads:
+        raise UserError(f"--threads {args.threads} is more than 4 x this machine's {os.cpu_count()} CPUs; "
+                        f"use at most {most_threads}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run")
     run = RunDir(args.out)
     if args.resume and run.has_config():
         tables = run.read_config()
@@ -25,6 +39,7 @@ def resolve_tables(args) -> dict[str, dict[str, Any]]:
         raise UserError("pass --config configs/<preset>.toml (or --resume with an existing run folder)")
     tables = {k: dict(v) if isinstance(v, dict) else v for k, v in tables.items()}
     apply_overrides(tables, args.set or [])
+    check_sections(tables)
     tables.setdefault("model", {})
     tables.setdefault("train", {})
     tables.setdefault("data", {})
@@ -36,6 +51,7 @@ def resolve_tables(args) -> dict[str, dict[str, Any]]:
         tables["data"]["path"] = str(Path(args.data).resolve())
     if not tables["data"].get("path"):
         raise UserError("pass --data with a prepared corpus folder (from `gtransformer prepare --out DIR`)")
+    check_tables(tables)
     return tables
 
 
@@ -68,8 +84,6 @@ def register(subparsers) -> None:
 def run_train(args) -> int:
     tables = resolve_tables(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads} must be at least 1")
         torch.set_num_threads(args.threads)
     row = train(tables, args.out, resume=args.resume, device=args.device, stop_at_step=args.stop_at_step,
                 progress_bar=not args.no_progress)

@@ -8,12 +8,15 @@ How the logits are computed (dtype, compiled step, threads) is `generate.DecodeO
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from gtransformer.errors import UserError
+
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what torch.Generator.manual_seed takes as a non-negative int64
 
 
 @dataclass
@@ -29,19 +32,47 @@ class SamplingConfig:
     # Ids >= this are never produced: the tokenizer's size, when the model's vocab_size is larger.
     vocab_limit: int | None = None
 
-    def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise UserError(f"max_new_tokens = {self.max_new_tokens} must be >= 0")
-        if self.temperature < 0:
-            raise UserError(f"temperature = {self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k is not None and self.top_k < 0:
-            raise UserError(f"top_k = {self.top_k} must be >= 0 (0 = no top-k filter)")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"top_p = {self.top_p} must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty = {self.repetition_penalty} must be > 0 (1 = off)")
-        if any(not s for s in self.stop_strings):
-            raise UserError("stop strings must not be empty")
+    def problem(self, names: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+        """(field, one-line message) of the first rule this config breaks, or None. The one statement of the
+        sampling rules: the generate CLI, the server's requests and the trainer's samples all check them here.
+
+        `names` shows fields under the caller's names ({"temperature": "--temperature"} in a CLI,
+        {"max_new_tokens": "max_tokens"} in the HTTP API, "train.sample_*" in a config)."""
+        names = names or {}
+
+        def shown(field: str) -> str:
+            name = names.get(field, field)
+            value = getattr(self, field)
+            return f"{name} {value!r}" if name.startswith("-") else f"{name} = {value!r}"
+
+        def number(value, integer: bool = False) -> bool:
+            if isinstance(value, bool):
+                return False
+            if isinstance(value, int):
+                return True
+            return not integer and isinstance(value, float) and math.isfinite(value)
+
+        if not number(self.max_new_tokens, integer=True) or self.max_new_tokens < 0:
+            return "max_new_tokens", f"{shown('max_new_tokens')} must be an integer >= 0"
+        if not number(self.temperature) or self.temperature < 0:
+            return "temperature", f"{shown('temperature')} must be a finite number >= 0 (0 = greedy)"
+        if self.top_k is not None and (not number(self.top_k, integer=True) or self.top_k < 0):
+            return "top_k", f"{shown('top_k')} must be an integer >= 0 (0 = no top-k filter)"
+        if self.top_p is not None and (not number(self.top_p) or not 0 < self.top_p <= 1):
+            return "top_p", f"{shown('top_p')} must be a number in (0, 1] (1 = no nucleus filter)"
+        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            return "repetition_penalty", f"{shown('repetition_penalty')} must be a finite number > 0 (1 = off)"
+        if self.seed is not None and (not number(self.seed, integer=True) or not 0 <= self.seed < SEED_LIMIT):
+            return "seed", f"{shown('seed')} must be an integer in [0, 2**63)"
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            return "stop_strings", f"{names.get('stop_strings', 'stop strings')} must not be empty"
+        return None
+
+    def validate(self, names: Mapping[str, str] | None = None) -> None:
+        """Raise a UserError naming the first broken rule (see `problem`)."""
+        found = self.problem(names)
+        if found is not None:
+            raise UserError(found[1])
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

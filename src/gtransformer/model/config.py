@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from gtransformer.config import from_dict
+from gtransformer.config import coerce_fields, from_dict
 from gtransformer.errors import UserError
 
 
@@ -39,6 +39,7 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init; residual output projections get std / sqrt(2 n_layers)
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "model")  # types first: an int where a list is, a string where a number is, NaN
         self.validate()
 
     @property

@@ -19,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gtransformer.inference.sampling import SamplingConfig
 
 
+# SamplingConfig's fields under the request's (OpenAI's) names.
+API_NAMES = {"max_new_tokens": "max_tokens", "stop_strings": "stop"}
+
+
 class APIError(Exception):
     """An error answered to the client: HTTP status + OpenAI's error body."""
 
@@ -39,16 +43,17 @@ class SamplingFields(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # allow_inf_nan=False: JSON's NaN / Infinity (which Python's parser accepts) are refused as not finite.
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0)  # extension: 0 = off
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # extension: 1 = off
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, allow_inf_nan=False)  # extension: 1 = off
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     user: str | None = None
 
     @field_validator("stop")
@@ -67,7 +72,7 @@ class SamplingFields(BaseModel):
             if getattr(self, name):
                 raise APIError(400, f"{name} is not supported by this model's sampler; use repetition_penalty "
                                     f"(> 1 discourages repeated tokens, 1 = off) instead", param=name)
-        return SamplingConfig(
+        config = SamplingConfig(
             max_new_tokens=max_tokens,
             temperature=self.temperature,
             top_k=self.top_k or None,
@@ -76,6 +81,11 @@ class SamplingFields(BaseModel):
             stop_strings=tuple(self.stop or ()),
             seed=None if self.seed is None else (self.seed + seed_offset) % 2**63,
         )
+        problem = config.problem(API_NAMES)  # the sampling rules are SamplingConfig's, here as in the CLI
+        if problem is not None:
+            field, message = problem
+            raise APIError(400, message, param=API_NAMES.get(field, field))
+        return config
 
 
 class CompletionRequest(SamplingFields):

@@ -1,8 +1,26 @@
-"""`TrainConfig`: the `[train]` table (every key settable from the TOML file or `--set train.KEY=VALUE`)."""
+"""`TrainConfig`: the `[train]` table (every key settable from the TOML file or `--set train.KEY=VALUE`), and
+`check_tables`: the whole [model] / [train] / [data] config checked in one place before a run starts.
+
+Each field's range is checked when a `TrainConfig` is built (`validate`), so a bad value is one clear line
+before step 0, never a ZeroDivisionError or an optimizer's ValueError steps later.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from gtransformer.config import check_names, coerce_fields, from_dict, shown_name
+from gtransformer.errors import UserError
+from gtransformer.inference.sampling import SEED_LIMIT, SamplingConfig
+from gtransformer.model.config import ModelConfig
+from gtransformer.runtime import PRECISIONS
+
+SCHEDULES = ("cosine", "wsd", "constant")
+# How SamplingConfig's fields are called in [train] (its rules check the training samples' settings).
+SAMPLE_NAMES = {"max_new_tokens": "train.sample_tokens", "temperature": "train.sample_temperature",
+                "top_k": "train.sample_top_k", "top_p": "train.sample_top_p",
+                "repetition_penalty": "train.sample_repetition_penalty", "seed": "train.sample_seed"}
 
 DEFAULT_PROMPTS = ["Era uma vez", "O amor é", "Naquella manhã, a cidade", "Portugal e o Brasil"]
 
@@ -46,3 +64,96 @@ class TrainConfig:
     tensorboard: bool = True  # when the tensorboard package is installed
     wandb: bool = False  # when also WANDB_API_KEY is set
     wandb_project: str = "gtransformer"
+
+    def __post_init__(self) -> None:
+        coerce_fields(self, "train")
+        self.validate()
+
+    def validate(self) -> None:
+        """One UserError line for the first value out of its range (types are checked by `coerce_fields`)."""
+
+        def fail(name: str, rule: str) -> None:
+            raise UserError(f"train.{name} = {getattr(self, name)!r} {rule}")
+
+        def at_least(name: str, low: float, note: str = "") -> None:
+            if not getattr(self, name) >= low:
+                fail(name, f"must be >= {low}{note}")
+
+        def within(name: str, low: float, high: float, high_open: bool = False) -> None:
+            value = getattr(self, name)
+            if not (low <= value < high if high_open else low <= value <= high):
+                fail(name, f"must lie in [{low}, {high}{')' if high_open else ']'}")
+
+        if not 0 <= self.seed < SEED_LIMIT:
+            fail("seed", "must lie in [0, 2**63)")
+        at_least("batch_size", 1)
+        at_least("micro_batch_size", 0, " (0 = batch_size / processes)")
+        if self.micro_batch_size and (self.micro_batch_size > self.batch_size
+                                      or self.batch_size % self.micro_batch_size):
+            fail("micro_batch_size", f"must divide train.batch_size = {self.batch_size} (or be 0)")
+        at_least("max_steps", 0, " (0 = no step limit)")
+        at_least("max_minutes", 0, " (0 = no time limit)")
+        at_least("epochs", 1)
+        if not self.lr > 0:
+            fail("lr", "must be > 0, e.g. 3e-4")
+        within("min_lr_ratio", 0, 1)
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"must be one of {', '.join(SCHEDULES)}")
+        at_least("warmup_steps", 0)
+        within("decay_fraction", 0, 1)
+        at_least("weight_decay", 0)
+        within("beta1", 0, 1, high_open=True)
+        within("beta2", 0, 1, high_open=True)
+        if not self.eps > 0:
+            fail("eps", "must be > 0, e.g. 1e-8")
+        at_least("grad_clip", 0, " (0 = no clipping)")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"must be one of {', '.join(PRECISIONS)}")
+        at_least("log_every", 1)
+        at_least("eval_every", 0, " (0 = only at the end)")
+        at_least("eval_tokens", 0, " (0 = the whole split)")
+        at_least("eval_batch_size", 1)
+        at_least("checkpoint_every", 0, " (0 = only at epoch ends and the end)")
+        at_least("keep_last", 0, " (0 = keep every checkpoint)")
+        sampling = SamplingConfig(max_new_tokens=self.sample_tokens, temperature=self.sample_temperature,
+                                  top_k=self.sample_top_k, top_p=self.sample_top_p,
+                                  repetition_penalty=self.sample_repetition_penalty, seed=self.sample_seed)
+        sampling.validate(SAMPLE_NAMES)
+        if self.sample_seed + len(self.sample_prompts) > SEED_LIMIT:
+            fail("sample_seed", "plus the number of sample prompts must stay below 2**63")
+        if not self.wandb_project.strip():
+            fail("wandb_project", "must name a Weights & Biases project")
+
+
+@dataclass
+class DataConfig:
+    """The `[data]` table."""
+
+    path: str = ""  # the prepared corpus folder (`prepare --out`); `train --data` sets it
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def check_sections(tables: dict[str, Any]) -> None:
+    """Only [model], [train] and [data], each a table (the nearest name for a misspelt one)."""
+    for name, value in tables.items():
+        if name not in SECTIONS and not isinstance(value, dict):  # `lr = 1e-3` above every [table]
+            home = [section for section, cls in SECTIONS.items() if name in {f.name for f in fields(cls)}]
+            where = f"put it under [{home[0]}]" if home else "put each key under [model], [train] or [data]"
+            raise UserError(f"{shown_name(name)} = {value!r} sits outside any table; {where}"[:300])
+    check_names(tables, SECTIONS, "section", "[", "]")
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise UserError(f"[{name}] must be a table of key = value lines, not the value {table!r}"[:200])
+
+
+def check_tables(tables: dict[str, Any]) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+    """The whole config checked in one place: sections, keys (nearest valid name), types, ranges.
+
+    Returns the [model], [train] and [data] tables as dataclasses; raises one UserError line otherwise."""
+    check_sections(tables)
+    model = from_dict(ModelConfig, dict(tables.get("model", {})), "model")
+    train = from_dict(TrainConfig, dict(tables.get("train", {})), "train")
+    data = from_dict(DataConfig, dict(tables.get("data", {})), "data")
+    return model, train, data
