@@ -27,6 +27,7 @@ from gtransformer.training.trainer import train
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(bash|sh|shell|console)?\s*$\n(.*?)^```\s*$", re.M | re.S)
+COMMAND_LINE = re.compile(r"^\s*(\S*/)?(gtransformer|torchrun)\s")
 RUNS_QUICKLY = {"eval", "generate", "report", "export", "download"}
 ENV_VALUES = {"NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "HF_TOKEN": "unused"}
 
@@ -34,13 +35,14 @@ pytestmark = pytest.mark.slow
 
 
 def shell_lines(text: str) -> list[str]:
-    """The lines of the fenced shell blocks, continuation backslashes joined, comments dropped."""
+    """The lines of the fenced shell blocks (and command lines of unlabeled fences), continuations joined,
+    comments dropped."""
     lines = []
     for match in FENCE.finditer(text):
-        if match.group(1) is None and "gtransformer" not in match.group(2):
-            continue
         joined = re.sub(r"\\\n\s*", " ", match.group(2))
         for line in joined.splitlines():
+            if match.group(1) is None and not COMMAND_LINE.match(line):
+                continue  # an unlabeled fence is a diagram or plain text, except for lines that are commands
             words = shlex.split(line, comments=True)
             if words:
                 lines.append(" ".join(shlex.quote(w) if not re.fullmatch(r"[|<>&;]+", w) else w for w in words))
