@@ -10,9 +10,12 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
+import torch
 import yaml
 
 from conftest import REAL_MIRROR, gutenberg_file, portuguese_text, write_mirror
+
+from gtransformer.runtime import resolve_precision
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +77,8 @@ def test_train_notebook_trains_evaluates_generates_and_exports(trained):
     text = "".join(outputs(notebook, "stream"))
     for split in ("val", "test"):
         assert f"{split:4s} step " in text and "bits per byte" in text, f"no {split} evaluation printed"
-    assert "precision float32" in text and "device cpu" in text  # the device cell and the trainer's log agree
+    expected = resolve_precision("auto", torch.device("cpu"))  # float32, or bfloat16 on CPUs with native bf16
+    assert f"precision {expected}" in text and "device cpu" in text  # the device cell and the trainer's log agree
     assert len(text) < 200_000, "the progress bars flooded the output"
     # The live loss curves (updated in place while training), then the report's loss and expert-load plots.
     assert len(outputs(notebook, "image/png")) >= 3

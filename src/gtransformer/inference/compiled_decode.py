@@ -46,6 +46,7 @@ from gtransformer.model.primitives import apply_rope, rms_norm, swiglu
 from gtransformer.runtime import require_cpp_compiler
 
 COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+RECOMPILE_LIMIT = 256  # graphs of the decoding step per process (see `CompiledDecoder.step`)
 
 
 def _require_compiled_dtype(dtype: torch.dtype) -> None:
@@ -160,7 +161,14 @@ class CompiledDecoder:
         positions = position_buffer.copy_(slots if positions is None else positions)
         args = (tokens, slots, positions, no_pad if pad is None else pad, cache.k, cache.v)
         try:
-            logits = self._compiled(*args)
+            if key in self._warm:
+                logits = self._compiled(*args)
+            else:
+                # torch.compile keeps the graphs of `_step` per code object, shared by every CompiledDecoder of
+                # the process (each model, dtype and batch size is one): its default limit of 8 would refuse a
+                # server's padded batch sizes next to generate's. Raised only while a new shape compiles.
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    logits = self._compiled(*args)
         except Exception as exc:  # compiling failed: a missing C++ compiler, an unsupported device, ...
             if key in self._warm:
                 raise  # this shape ran before: not a compilation problem
