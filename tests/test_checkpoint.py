@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gtransformer.training import checkpoint as ckpt
-from gtransformer.training.run_dir import RunDir
+from gtransformer.training.run_dir import CorruptCheckpoint, RunDir
 from gtransformer.errors import UserError
 from gtransformer.training.trainer import train
 
@@ -47,8 +47,11 @@ def test_state_with_foreign_pickles_is_refused(tmp_path):
 
     folder = save(tmp_path, 1)
     torch.save({"x": argparse.Namespace(evil=True)}, folder.state_path)  # any non-allowlisted class
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CorruptCheckpoint, match="state.pt"):  # the recorded size / SHA-256 no longer match
         ckpt.load_train_state(folder)
+    with pytest.raises(CorruptCheckpoint, match="weights_only") as refused:  # and unverified, torch refuses it
+        ckpt.load_train_state(folder, verify=False)
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
