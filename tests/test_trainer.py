@@ -78,10 +78,11 @@ def test_one_step_all_reduces_router_loads_once_per_moe_layer(corpus, tmp_path, 
     monkeypatch.setattr(dist, "all_reduce", counting_all_reduce)
     assert trainer.step() is None
     n_experts = tables["model"]["n_experts"]
-    assert calls == [(n_experts,)] * moe_layers  # one per MoE layer, not two
+    # The step's health and stop flags (loss, gradient norm, signal) in one reduction, then one per MoE layer.
+    assert calls == [(3,)] + [(n_experts,)] * moe_layers
     calls.clear()
     assert trainer.step() is not None  # a log step: the loss and the aux loss are averaged over ranks too
-    assert calls == [(n_experts,)] * moe_layers + [()] * 2
+    assert calls == [(3,)] + [(n_experts,)] * moe_layers + [()] * 2
     trainer.close()
     biases = [block.mlp.gate.expert_bias for block in trainer.model.layers if block.is_moe]
     assert all(bool(bias.abs().sum() > 0) for bias in biases)  # the update itself still ran
