@@ -5,11 +5,13 @@ the same logs, bit for bit (CPU, one thread).
     python benchmarks/soak_resume.py                              # 20 kills, 60 steps
     python benchmarks/soak_resume.py --kills 3 --steps 30 --seed 1 --data data/prepared --work /tmp/soak
 
-Every `train` is a real subprocess (`python -m gtransformer train ... --resume`). The kill moments are drawn
-from the straight run's timing: a start-up share (import, preflight, restore) plus a random share of the
-training time, so kills land during start-up, steps, evaluations, samples, metrics appends and checkpoint
-writes. Checkpoint writes are widened by `--write-delay` seconds (checkpoint.WRITE_DELAY_ENV, a test-only
-sleep between model.safetensors and state.pt) so that some kills land inside one; a kill that leaves a
+Every `train` is a real subprocess (`python -m gtransformer train ... --resume`). Every fourth kill lands
+at a random moment of start-up (imports, preflight, stale-folder removal, checkpoint verification, restore,
+log truncation); the others at a random moment after the session's first step began (the log's "model: ...
+parameters" line), within twice the training time left (the straight run's, pro rata) divided by the kills
+left, so that they spread over the steps, evaluations, samples, metrics appends and checkpoint writes of the
+whole run. Checkpoint writes are widened by `--write-delay` seconds (checkpoint.WRITE_DELAY_ENV, a test-only
+sleep between model.safetensors and state.pt) so that some kills land inside one; a kill that leaves its
 `.tmp-step-*` folder behind counts as "mid_write".
 
 Compared at the end: every tensor of the final checkpoint's model.safetensors (torch.equal), the train rows'
@@ -140,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs to deliver (default 20)")
     parser.add_argument("--steps", type=int, default=60, help="train.max_steps of the tiny run (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments and of the run (default 0)")
-    parser.add_argument("--write-delay", type=float, default=0.1,
-                        help="seconds each checkpoint write pauses mid-way, so kills land inside some (default 0.1)")
+    parser.add_argument("--write-delay", type=float, default=0.05,
+                        help="seconds each checkpoint write pauses mid-way, so kills land inside some (default 0.05)")
     parser.add_argument("--data", help="prepared corpus folder (default: a small synthetic one in --work)")
     parser.add_argument("--work", help="work folder (default: a fresh temporary folder)")
     args = parser.parse_args(argv)
@@ -166,16 +168,28 @@ def main(argv: list[str] | None = None) -> int:
     training_s = max(straight_s - startup_s, 0.1)
 
     killed = RunDir(work / "killed")
-    kills, mid_write, finished_early, attempts, progress = 0, 0, 0, 0, []
+    kills, mid_write, in_startup, finished_early, attempts, progress = 0, 0, 0, 0, 0, []
+
+    def sessions_started() -> int:  # the trainer logs "model: ... parameters" right before its first step
+        return killed_log.read_text().count(" parameters (") if killed_log.is_file() else 0
+
     while kills < args.kills:
         attempts += 1
-        # A start-up share (some kills land before the first step) plus a random share of the training time,
-        # sized so that the kills spread over the whole run.
-        delay = startup_s * rng.uniform(0.7, 1.05) + rng.uniform(0, 1.6 * training_s / args.kills)
+        started_before = sessions_started()
+        startup = attempts % 4 == 2  # every fourth attempt (the second, sixth, ...) is killed in start-up
         process = trainer.start(killed.path, killed_log)
+        if startup:
+            delay = rng.uniform(0, startup_s)
+        else:
+            while process.poll() is None and sessions_started() == started_before:
+                time.sleep(0.01)
+            newest = killed.latest_checkpoint()
+            remaining_s = training_s * (1 - (newest.step if newest else 0) / args.steps)
+            delay = rng.uniform(0, 2 * remaining_s / (args.kills - kills))
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
+            in_startup += startup
             process.send_signal(signal.SIGKILL)
             process.wait()
             kills += 1
@@ -197,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "kills": kills,
         "kills_requested": args.kills,
+        "in_startup": in_startup,
         "mid_write": mid_write,
         "finished_before_all_kills": bool(finished_early),
         "resumes": resumes,

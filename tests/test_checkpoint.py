@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from gtransformer.cli import main
 from gtransformer.training import checkpoint as ckpt
 from gtransformer.training.run_dir import CorruptCheckpoint, RunDir
 from gtransformer.errors import UserError
@@ -37,12 +38,19 @@ def test_prune_keeps_last_n_and_marked_ones(tmp_path):
     assert int(ckpt.load_train_state(RunDir(tmp_path).latest_checkpoint())["x"]) == 6
 
 
-def test_half_written_checkpoint_is_ignored(tmp_path):
+def test_half_written_checkpoint_is_ignored_and_a_published_one_without_meta_is_damaged(tmp_path):
     save(tmp_path, 1)
-    # A crash mid-write leaves only a temporary folder, or a step folder without meta.json.
+    # A crash mid-write leaves only a temporary folder: not a checkpoint.
     (tmp_path / "checkpoints" / ".tmp-step-0000002-123").mkdir()
-    (tmp_path / "checkpoints" / "step-0000003").mkdir()
     assert RunDir(tmp_path).latest_checkpoint().path.name == "step-0000001"
+    # Only complete checkpoints are renamed to step-*: one without meta.json was damaged after, and says so.
+    (tmp_path / "checkpoints" / "step-0000003").mkdir()
+    with pytest.raises(CorruptCheckpoint, match="meta.json is damaged: the file is missing"):
+        ckpt.load_for_inference(tmp_path)
+    with pytest.raises(CorruptCheckpoint, match="meta.json is damaged: the file is missing"):
+        ckpt.load_for_inference(tmp_path / "checkpoints" / "step-0000003")
+    assert ckpt.intact_checkpoint(RunDir(tmp_path)).path.name == "step-0000001"
+    assert [p.name for p in RunDir(tmp_path).corrupt_checkpoints()] == ["step-0000003.corrupt"]
 
 
 def test_state_with_foreign_pickles_is_refused(tmp_path):
@@ -235,3 +243,15 @@ def test_an_append_after_a_line_cut_short_starts_a_new_line(tmp_path):
     assert [r["step"] for r in run.metrics()] == [1, 2]
     run.truncate_logs(1)
     assert run.metrics_path.read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+@pytest.mark.parametrize("command", [["eval"], ["generate", "--prompt", "Era", "--max-new-tokens", "2"],
+                                     ["export", "--out", "EXPORT"], ["serve", "--port", "0"], ["report"]])
+def test_every_command_refuses_a_damaged_checkpoint_in_one_line(trained_run, tmp_path, capsys, command):
+    shutil.copytree(trained_run, tmp_path / "run")
+    newest = RunDir(tmp_path / "run").latest_checkpoint()
+    flip_tensor_bytes(newest)
+    argv = [command[0], str(tmp_path / "run"), *[str(tmp_path / a) if a == "EXPORT" else a for a in command[1:]]]
+    assert main([*argv, "--device", "cpu"] if command[0] in ("eval", "generate", "serve") else argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{newest.model_path} is damaged" in err, err

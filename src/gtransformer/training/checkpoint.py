@@ -136,8 +136,9 @@ def prune_checkpoints(run: RunDir, keep_last: int) -> None:
     for checkpoint in run.checkpoints()[:-keep_last]:
         try:
             keep = checkpoint.read_meta().get("keep")
-        except CorruptCheckpoint:
-            keep = False  # older than the ones kept and unreadable: pruned like any other
+        except CorruptCheckpoint as exc:  # older than the ones kept: pruned like any other, but said
+            log.warning("pruning %s, which is damaged (%s: %s)", checkpoint.path.name, exc.file, exc.problem)
+            keep = False
         if not keep:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
 

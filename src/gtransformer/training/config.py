@@ -54,7 +54,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     checkpoint_every: int = 500  # 0 = only at epoch ends and the end
     keep_last: int = 3  # periodic checkpoints kept (epoch-end checkpoints are always kept)
-    max_bad_steps: int = 5  # steps in a row with a non-finite loss / gradient norm (updates skipped) before training stops; 0 = never
+    max_bad_steps: int = 5  # non-finite loss / gradient norm steps in a row (skipped) before training stops; 0 = never
     sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     sample_tokens: int = 48
     sample_temperature: float = 0.8

@@ -115,7 +115,8 @@ def check_resume_shapes(saved_table: dict[str, Any], config: ModelConfig) -> Non
         if alone != before:
             raise UserError(
                 f"--resume: model.{key} is {now[key]!r} but the checkpoint was trained with {getattr(saved, key)!r}, "
-                f"which changes the shapes of its weights; drop --set model.{key} (or train a new run with another --out)"
+                f"which changes the shapes of its weights; drop --set model.{key} "
+                f"(or train a new run with another --out)"
             )
     raise UserError(f"--resume: model.{', model.'.join(changed)} changed since the checkpoint, which changes the "
                     f"shapes of its weights; keep the run's [model] values (or train a new run with another --out)")

@@ -339,13 +339,16 @@ class RunDir:
         return self.path / f".write-probe-{os.getpid()}"
 
     def checkpoints(self) -> list[CheckpointDir]:
-        """Complete checkpoints, oldest first."""
+        """The step-XXXXXXX folders, oldest first.
+
+        Only a complete checkpoint is ever renamed to that name, so each one is a checkpoint, intact or damaged
+        since (even without its meta.json): loading tells which (`CheckpointDir.verify`)."""
         if not self.checkpoints_dir.is_dir():
             return []
         found = [
             (int(m.group(1)), CheckpointDir(p))
             for p in self.checkpoints_dir.iterdir()
-            if (m := STEP_PATTERN.match(p.name)) and (p / "meta.json").is_file()
+            if (m := STEP_PATTERN.match(p.name)) and p.is_dir()
         ]
         return [c for _, c in sorted(found, key=lambda pair: pair[0])]
 
@@ -359,8 +362,8 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> tuple[CheckpointDir, Ru
     path = Path(run_or_checkpoint)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a run folder (train --out) or one of its checkpoints/step-* folders")
-    if CheckpointDir(path).meta_path.is_file():  # a checkpoint folder (its files are verified on loading)
-        return CheckpointDir(path), RunDir(path.parent.parent)
+    if CheckpointDir(path).meta_path.is_file() or STEP_PATTERN.match(path.name):  # a checkpoint folder
+        return CheckpointDir(path), RunDir(path.parent.parent)  # (its files are verified on loading)
     run = RunDir(path)
     newest = run.latest_checkpoint()
     if newest is None:

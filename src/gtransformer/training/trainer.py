@@ -334,7 +334,8 @@ class Trainer:
         if limit and self.state.bad_streak >= limit:
             first = self.state.step - self.state.bad_streak + 1
             newest = self.run.latest_checkpoint()
-            kept = f"the newest checkpoint, {newest.path}, holds the last good weights" if newest else "no checkpoint was written"
+            kept = (f"the newest checkpoint, {newest.path}, holds the last good weights" if newest
+                    else "no checkpoint was written")
             raise UserError(
                 f"the loss or gradient norm was not finite at {self.state.bad_streak} steps in a row (steps "
                 f"{first}-{self.state.step}; train.max_bad_steps = {limit}), so training stopped; {kept}; lower "
@@ -447,6 +448,9 @@ class Trainer:
         self._window_start, self._window_tokens = time.perf_counter(), 0
         last_row: dict[str, Any] = {}
         session_over = stop_at_step is not None and self.state.step >= stop_at_step
+        if self.finished and self.dist.is_main:
+            log.info("%s is already finished at step %d (evaluated before its last checkpoint); extend it with "
+                     "--max-steps or --max-minutes", self.run.path, self.state.step)
         self.parallel.runner.train()
         with self.signals:
             while not self.finished and not session_over and not self.stop_requested:
