@@ -1,4 +1,4 @@
-"""Faults injected into real `gtransformer` processes: SIGKILL mid-checkpoint-write and at random moments,
+"""Faults injected into real `gtransformer train` processes: SIGKILL mid-checkpoint-write and at random moments,
 SIGTERM, and a checkpoint damaged on disk. Each time the run folder stays usable and `train --resume` ends
 bit-identical (CPU) to a run that was never interrupted."""
 

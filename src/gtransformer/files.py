@@ -1,5 +1,4 @@
-"""Atomic file writes (a crash or Ctrl-C leaves the old file or the new one, never half of one), JSON lines,
-and what durable writes need: `fsync_path` (a file's or a folder's data onto the disk), `sha256_file`."""
+"""Atomic file writes (a crash or Ctrl-C leaves the old file or the new one, never half of one) and JSON lines."""
 
 from __future__ import annotations
 
@@ -61,25 +60,3 @@ def read_jsonl(path: Path) -> list[dict]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a folder's entries (after creating or renaming in it), to the disk."""
-    if path.is_dir() and os.name != "posix":
-        return  # Windows cannot open a folder to flush it; NTFS journals the rename itself
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """The SHA-256 of a file as hex, read in chunks (constant memory; hashlib releases the GIL while hashing)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk_bytes)
-    view = memoryview(buffer)
-    with path.open("rb") as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()

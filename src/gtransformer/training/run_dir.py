@@ -38,7 +38,7 @@ from typing import Any, Iterable
 
 from gtransformer.config import load_toml, to_toml
 from gtransformer.errors import UserError
-from gtransformer.files import fsync_path, read_jsonl, sha256_file, write_text_atomic
+from gtransformer.files import file_sha256, read_jsonl, sync_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class CheckpointDir:
     def write_meta(self, meta: dict[str, Any]) -> None:
         """Write meta.json and flush it to the disk (it is written last: its presence marks a complete folder)."""
         self.meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        fsync_path(self.meta_path)
+        sync_path(self.meta_path)
 
     # -- integrity ----------------------------------------------------------------------
 
@@ -132,7 +132,7 @@ class CheckpointDir:
         """{name: {"bytes", "sha256"}} of the files present, for meta.json (the files are hashed in parallel)."""
         paths = [self.path / name for name in names if (self.path / name).is_file()]
         with ThreadPoolExecutor(max_workers=max(len(paths), 1)) as pool:
-            digests = list(pool.map(sha256_file, paths))
+            digests = list(pool.map(file_sha256, paths))
         return {p.name: {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
 
     def verify(self, names: Iterable[str] = HASHED_FILES) -> dict[str, Any]:
@@ -162,7 +162,7 @@ class CheckpointDir:
                                                     f"({'truncated' if size < record['bytes'] else 'grown'})")
         paths = [self.path / name for name in names]
         with ThreadPoolExecutor(max_workers=max(len(paths), 1)) as pool:
-            digests = list(pool.map(sha256_file, paths))
+            digests = list(pool.map(file_sha256, paths))
         for name, digest in zip(names, digests):
             if digest != records[name]["sha256"]:
                 raise CorruptCheckpoint(self, name, "its SHA-256 differs from the one meta.json recorded "
@@ -295,7 +295,7 @@ class RunDir:
         """Flush the JSON-lines logs to the disk (before a checkpoint is published: its rows must outlive it)."""
         for path in self.log_paths():
             if path.is_file():
-                fsync_path(path)
+                sync_path(path)
 
     # -- checkpoints ------------------------------------------------------------------
 
@@ -325,7 +325,7 @@ class RunDir:
             n += 1
             target = checkpoint.path.with_name(f"{checkpoint.path.name}{CORRUPT_SUFFIX}-{n}")
         os.replace(checkpoint.path, target)
-        fsync_path(self.checkpoints_dir)
+        sync_path(self.checkpoints_dir)
         return target
 
     def corrupt_checkpoints(self) -> list[Path]:
