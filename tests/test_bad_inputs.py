@@ -377,7 +377,7 @@ def test_sampling_rules_reach_the_api_through_sampling_config():
     assert exc.value.status == 400 and exc.value.param == "stop"
 
 
-# --- damaged checkpoints: the loader is training/checkpoint.py's (checkpoint integrity work) ---------------------
+# --- damaged checkpoints: load_for_inference turns each into one line (CorruptCheckpoint / UserError) ----------
 
 DAMAGE = {
     # an older or newer [model] without a key the weights need: defaults that do not fit the saved tensors
@@ -388,8 +388,6 @@ DAMAGE = {
 }
 
 
-@pytest.mark.xfail(reason="load_for_inference (training/checkpoint.py, run_dir.py: another branch's files) lets "
-                   "RuntimeError / JSONDecodeError / SafetensorError through", strict=False)
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_checkpoint_is_one_line(damage, world, tmp_path, capsys):
     run = shutil.copytree(world.run, tmp_path / "run")

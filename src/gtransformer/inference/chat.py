@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gtransformer.errors import UserError
+from gtransformer.files import write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,7 @@ class ChatTemplate:
         return f"{system}{self.system_separator}{dialogue}" if system else dialogue
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({**asdict(self), "stop": list(self.stop)}, ensure_ascii=False, indent=2) + "\n",
-                        encoding="utf-8")
+        write_text_atomic(path, json.dumps({**asdict(self), "stop": list(self.stop)}, ensure_ascii=False, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "ChatTemplate":

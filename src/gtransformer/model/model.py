@@ -215,6 +215,14 @@ class GPT(nn.Module):
             if block.is_moe:
                 block.mlp.gate.update_bias(self.config.bias_update_rate)
 
+    def discard_router_loads(self) -> None:
+        """Call instead of `update_router_biases` when a step's update is skipped: its expert loads are dropped."""
+        if self.config.balance != "bias":
+            return
+        for block in self.layers:
+            if block.is_moe:
+                block.mlp.gate.discard_load()
+
     # ---- size and cost helpers -------------------------------------------------------------
 
     def num_params(self) -> int:

@@ -138,6 +138,12 @@ class Router(nn.Module):
         self.expert_bias.add_(rate * torch.sign(load.mean() - load))
         load.zero_()
 
+    @torch.no_grad()
+    def discard_load(self) -> None:
+        """Forget the load counted since the last update (a skipped training step's), without moving the bias."""
+        if self.use_bias:
+            self.load_since_update.zero_()
+
 
 class Experts(nn.Module):
     """n_experts SwiGLU experts with stacked weights and two execution paths of identical math."""

@@ -54,6 +54,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     checkpoint_every: int = 500  # 0 = only at epoch ends and the end
     keep_last: int = 3  # periodic checkpoints kept (epoch-end checkpoints are always kept)
+    max_bad_steps: int = 5  # non-finite loss / gradient norm steps in a row (skipped) before training stops; 0 = never
     sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     sample_tokens: int = 48
     sample_temperature: float = 0.8
@@ -115,6 +116,7 @@ class TrainConfig:
         at_least("eval_batch_size", 1)
         at_least("checkpoint_every", 0, " (0 = only at epoch ends and the end)")
         at_least("keep_last", 0, " (0 = keep every checkpoint)")
+        at_least("max_bad_steps", 0, " (0 = never stop for non-finite steps)")
         sampling = SamplingConfig(max_new_tokens=self.sample_tokens, temperature=self.sample_temperature,
                                   top_k=self.sample_top_k, top_p=self.sample_top_p,
                                   repetition_penalty=self.sample_repetition_penalty, seed=self.sample_seed)

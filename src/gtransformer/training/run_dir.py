@@ -12,20 +12,61 @@
     DIR/MODEL_CARD.md        written by `gtransformer report` (training/model_card.py)
 
 `train` writes it; `eval`, `generate`, `report` and `export` read it (`eval` and `report` add evals.jsonl rows).
+
+Inside DIR/checkpoints/ other names are transient or set aside, never a checkpoint:
+
+    .tmp-step-XXXXXXX-PID/   a checkpoint being written; renamed to step-XXXXXXX once complete (a killed
+                             write leaves it behind: the next `train` removes it)
+    .old-step-XXXXXXX-PID/   a checkpoint of the same step being replaced (removed right after)
+    step-XXXXXXX.corrupt/    a checkpoint that failed verification when `train --resume` looked for one to
+                             resume; set aside (not deleted) so that nothing picks it again
+
+A checkpoint's meta.json records the size and SHA-256 of each of its files (`files`); `CheckpointDir.verify`
+checks them and names the damaged file (`CorruptCheckpoint`). Checkpoints written before those records
+existed are loaded unverified.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from gtransformer.config import load_toml, to_toml
 from gtransformer.errors import UserError
-from gtransformer.files import read_jsonl, write_text_atomic
+from gtransformer.files import file_sha256, read_jsonl, sync_path, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 STEP_PATTERN = re.compile(r"^step-(\d{7,})$")
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+HASHED_FILES = (MODEL_FILE, STATE_FILE)  # recorded in meta.json["files"]: {"bytes", "sha256"} each
+TEMPORARY_PREFIXES = (".tmp-step-", ".old-step-")
+CORRUPT_SUFFIX = ".corrupt"
+
+
+def one_line(text: object, limit: int = 160) -> str:
+    """An exception's text squeezed onto one line (the CLI prints errors as one line)."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint file is missing, truncated, unreadable or changed since it was written.
+
+    `checkpoint` and `file` (e.g. "model.safetensors") say which; `problem` says what. The message names the
+    file, and the way out: an older checkpoint of the same run, or `train --resume` (which falls back itself).
+    """
+
+    def __init__(self, checkpoint: "CheckpointDir", file: str, problem: str):
+        self.checkpoint, self.file, self.problem = checkpoint, file, problem
+        super().__init__(f"{checkpoint.path / file} is damaged: {problem}; {checkpoint.way_out()}")
 
 
 class CheckpointDir:
@@ -45,16 +86,21 @@ class CheckpointDir:
         return f"step-{step:07d}"
 
     @property
+    def step(self) -> int | None:
+        match = STEP_PATTERN.match(self.path.name)
+        return int(match.group(1)) if match else None
+
+    @property
     def model_path(self) -> Path:
-        return self.path / "model.safetensors"
+        return self.path / MODEL_FILE
 
     @property
     def state_path(self) -> Path:
-        return self.path / "state.pt"
+        return self.path / STATE_FILE
 
     @property
     def meta_path(self) -> Path:
-        return self.path / "meta.json"
+        return self.path / META_FILE
 
     @property
     def tokenizer_path(self) -> Path:
@@ -64,10 +110,79 @@ class CheckpointDir:
         return self.meta_path.is_file() and self.model_path.is_file()
 
     def read_meta(self) -> dict[str, Any]:
-        return json.loads(self.meta_path.read_text(encoding="utf-8"))
+        """meta.json as a dict; `CorruptCheckpoint` when it is missing or not a JSON object."""
+        try:
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CorruptCheckpoint(self, META_FILE, "the file is missing") from None
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CorruptCheckpoint(self, META_FILE, f"not valid JSON ({one_line(exc)})") from None
+        if not isinstance(meta, dict):
+            raise CorruptCheckpoint(self, META_FILE, "not a JSON object")
+        return meta
 
     def write_meta(self, meta: dict[str, Any]) -> None:
+        """Write meta.json and flush it to the disk (it is written last: its presence marks a complete folder)."""
         self.meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        sync_path(self.meta_path)
+
+    # -- integrity ----------------------------------------------------------------------
+
+    def describe_files(self, names: Iterable[str] = HASHED_FILES) -> dict[str, dict[str, Any]]:
+        """{name: {"bytes", "sha256"}} of the files present, for meta.json (the files are hashed in parallel)."""
+        paths = [self.path / name for name in names if (self.path / name).is_file()]
+        with ThreadPoolExecutor(max_workers=max(len(paths), 1)) as pool:
+            digests = list(pool.map(file_sha256, paths))
+        return {p.name: {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
+
+    def verify(self, names: Iterable[str] = HASHED_FILES) -> dict[str, Any]:
+        """meta.json, after checking that the named files exist and match its size and SHA-256 records.
+
+        Raises `CorruptCheckpoint` naming the first damaged file. A checkpoint written before the records
+        existed (no "files" in meta.json) is only checked for the files' presence.
+        """
+        meta = self.read_meta()
+        names = list(names)
+        for name in names:
+            if not (self.path / name).is_file():
+                raise CorruptCheckpoint(self, name, "the file is missing")
+        records = meta.get("files")
+        if records is None:
+            log.debug("%s has no file hashes in meta.json (written by an older version); not verified", self)
+            return meta
+        if not isinstance(records, dict):
+            raise CorruptCheckpoint(self, META_FILE, "its \"files\" entry is not a JSON object")
+        for name in names:
+            record = records.get(name)
+            if not isinstance(record, dict) or not {"bytes", "sha256"} <= record.keys():
+                raise CorruptCheckpoint(self, META_FILE, f"it records no size and SHA-256 for {name}")
+            size = (self.path / name).stat().st_size
+            if size != record["bytes"]:
+                raise CorruptCheckpoint(self, name, f"{size} bytes where {record['bytes']} were written "
+                                                    f"({'truncated' if size < record['bytes'] else 'grown'})")
+        paths = [self.path / name for name in names]
+        with ThreadPoolExecutor(max_workers=max(len(paths), 1)) as pool:
+            digests = list(pool.map(file_sha256, paths))
+        for name, digest in zip(names, digests):
+            if digest != records[name]["sha256"]:
+                raise CorruptCheckpoint(self, name, "its SHA-256 differs from the one meta.json recorded "
+                                                    "(the file changed after it was written)")
+        return meta
+
+    def way_out(self) -> str:
+        """What to do about this checkpoint being damaged (the second half of `CorruptCheckpoint`'s line)."""
+        parent = self.path.parent
+        run = parent.parent
+        older = []
+        if parent.name == "checkpoints" and self.step is not None and parent.is_dir():
+            older = sorted(p.name for p in parent.iterdir()
+                           if (m := STEP_PATTERN.match(p.name)) and int(m.group(1)) < self.step)
+        if older:
+            return (f"use an older checkpoint (e.g. {parent / older[-1]}), or continue training with "
+                    f"`gtransformer train --out {run} --resume`, which falls back to the newest intact one")
+        if parent.name == "checkpoints":
+            return f"no older checkpoint exists in {parent}; train again"
+        return "restore it from a copy or train again"
 
 
 class RunDir:
@@ -156,30 +271,84 @@ class RunDir:
 
     @staticmethod
     def _append(path: Path, rows: list[dict[str, Any]]) -> None:
-        with path.open("a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        with path.open("a+b") as f:
+            if f.tell() > 0:  # a line cut short by a killed writer: start on a line of our own
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    text = "\n" + text
+            f.write(text.encode("utf-8"))
 
     def truncate_logs(self, after_step: int) -> None:
-        """Drop log rows after `after_step`: work after the checkpoint a run resumes from is redone."""
-        for path in (self.metrics_path, self.samples_path, self.evals_path):
+        """Drop log rows after `after_step`: work after the checkpoint a run resumes from is redone.
+
+        A line cut short by a killed run is dropped too (`read_jsonl` skips it)."""
+        for path in self.log_paths():
             if path.is_file():
                 kept = [row for row in read_jsonl(path) if row.get("step", 0) <= after_step]
                 write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
+
+    def log_paths(self) -> tuple[Path, ...]:
+        return self.metrics_path, self.samples_path, self.evals_path
+
+    def sync_logs(self) -> None:
+        """Flush the JSON-lines logs to the disk (before a checkpoint is published: its rows must outlive it)."""
+        for path in self.log_paths():
+            if path.is_file():
+                sync_path(path)
 
     # -- checkpoints ------------------------------------------------------------------
 
     def checkpoint(self, step: int) -> CheckpointDir:
         return CheckpointDir(self.checkpoints_dir / CheckpointDir.name(step))
 
+    def temporary_checkpoint(self, step: int) -> CheckpointDir:
+        """Where this process writes the checkpoint of `step` before publishing it by a rename."""
+        return CheckpointDir(self.checkpoints_dir / f".tmp-{CheckpointDir.name(step)}-{os.getpid()}")
+
+    def set_aside_path(self, step: int) -> Path:
+        """Where an existing checkpoint of `step` goes while a new one of the same step replaces it."""
+        return self.checkpoints_dir / f".old-{CheckpointDir.name(step)}-{os.getpid()}"
+
+    def stale_temporaries(self) -> list[Path]:
+        """Folders of checkpoint writes that never finished (the process was killed mid-write)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.iterdir() if p.name.startswith(TEMPORARY_PREFIXES))
+
+    def set_aside_corrupt(self, checkpoint: CheckpointDir) -> Path:
+        """Rename a damaged checkpoint to step-XXXXXXX.corrupt (.corrupt-2, ...): kept for inspection, never
+        picked again as a checkpoint. Returns the new path."""
+        target = checkpoint.path.with_name(checkpoint.path.name + CORRUPT_SUFFIX)
+        n = 1
+        while target.exists():
+            n += 1
+            target = checkpoint.path.with_name(f"{checkpoint.path.name}{CORRUPT_SUFFIX}-{n}")
+        os.replace(checkpoint.path, target)
+        sync_path(self.checkpoints_dir)
+        return target
+
+    def corrupt_checkpoints(self) -> list[Path]:
+        """Checkpoints set aside as damaged (`set_aside_corrupt`)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.iterdir() if CORRUPT_SUFFIX in p.name)
+
+    def write_probe_path(self) -> Path:
+        """A scratch file the preflight writes and removes to learn that the folder is writable."""
+        return self.path / f".write-probe-{os.getpid()}"
+
     def checkpoints(self) -> list[CheckpointDir]:
-        """Complete checkpoints, oldest first."""
+        """The step-XXXXXXX folders, oldest first.
+
+        Only a complete checkpoint is ever renamed to that name, so each one is a checkpoint, intact or damaged
+        since (even without its meta.json): loading tells which (`CheckpointDir.verify`)."""
         if not self.checkpoints_dir.is_dir():
             return []
         found = [
             (int(m.group(1)), CheckpointDir(p))
             for p in self.checkpoints_dir.iterdir()
-            if (m := STEP_PATTERN.match(p.name)) and (p / "meta.json").is_file()
+            if (m := STEP_PATTERN.match(p.name)) and p.is_dir()
         ]
         return [c for _, c in sorted(found, key=lambda pair: pair[0])]
 
@@ -193,8 +362,8 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> tuple[CheckpointDir, Ru
     path = Path(run_or_checkpoint)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a run folder (train --out) or one of its checkpoints/step-* folders")
-    if CheckpointDir(path).is_complete():
-        return CheckpointDir(path), RunDir(path.parent.parent)
+    if CheckpointDir(path).meta_path.is_file() or STEP_PATTERN.match(path.name):  # a checkpoint folder
+        return CheckpointDir(path), RunDir(path.parent.parent)  # (its files are verified on loading)
     run = RunDir(path)
     newest = run.latest_checkpoint()
     if newest is None:

@@ -3,13 +3,27 @@ samples and logs. Each component lives in its own file; this one only connects t
 
     Trainer(tables, out_dir, resume)   resolve [model]/[train]/[data], join torchrun, write the run folder,
                                        build model + optimizer (parallel.Parallel) + windows (data.windows)
-      .restore()                       newest checkpoint of the run -> weights, optimizer, scaler, data
+      .restore()                       newest intact checkpoint of the run -> weights, optimizer, scaler, data
                                        position, RNG states, step/tokens/time (bit-identical resume on CPU)
       .step()                          one optimizer step over all micro-batches -> the train row on log steps
+                                       (and on skipped steps: a non-finite loss / gradient norm applies nothing)
       .evaluate_and_sample()           validation bits per byte (evaluate.py) + fixed-prompt samples (samples.py)
       .save(epoch_end)                 checkpoint.save_checkpoint into the RunDir (full state dicts under FSDP)
-      .fit(stop_at_step)               the loop: step, log, evaluate, save until max_steps / max_minutes / epochs
+      .fit(stop_at_step)               the loop: step, log, evaluate, save until max_steps / max_minutes / epochs,
+                                       or SIGTERM / SIGINT (then: a checkpoint of the current step, exit 0)
       .close()                         close the loggers, wait for the other ranks
+
+Before the first step `Trainer.__init__` runs the preflight (preflight.py: corpus sizes, a writable run folder
+with room for two checkpoints, unchanged parameter shapes on --resume), removes the temporary folders of
+checkpoint writes a killed run left, and picks the newest intact checkpoint (checkpoint.intact_checkpoint:
+damaged newer ones are set aside as step-XXXXXXX.corrupt with a warning).
+
+A step whose loss or gradient norm is not finite is skipped: no optimizer step (AdamW's own step count and
+moments stay), no router-bias update, gradients dropped. It still counts as a step: its batch is consumed and
+the step counter, tokens and LR schedule move on, so the data order and every later step are what they would
+have been, and a resumed run takes the same decisions. `skipped_steps` in each train row counts them (a
+skipped step always writes its row, with "skipped": true); `train.max_bad_steps` in a row end the run with
+one line. Under float16 the GradScaler skips overflowing steps itself: only a non-finite *loss* counts there.
 
 Under `torchrun` the model runs under DistributedDataParallel (or FSDP2 with `train.fsdp = true`), each rank
 reading its own slice of every global batch; only rank 0 writes. The data order is a function of (seed,
@@ -20,8 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +48,7 @@ from gtransformer.config import from_dict
 from gtransformer.data.corpus import PreparedCorpus
 from gtransformer.data.windows import WindowLoader
 from gtransformer.errors import UserError
+from gtransformer.files import write_bytes_atomic
 from gtransformer.inference import chat
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
@@ -48,8 +63,11 @@ from gtransformer.runtime import (
     resolve_precision,
 )
 from gtransformer.training.checkpoint import (
+    TRAIN_STATE_KEYS,
+    intact_checkpoint,
     load_model_state,
     load_train_state,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -59,6 +77,7 @@ from gtransformer.training.evaluate import evaluate_split, token_byte_lengths
 from gtransformer.training.metrics import MetricsLogger, summarise_moe_stats
 from gtransformer.training.optim import build_optimizer, lr_multiplier
 from gtransformer.training.parallel import Parallel
+from gtransformer.training.preflight import check_corpus, check_free_space, check_resume_shapes, check_writable
 from gtransformer.training.run_dir import RunDir
 from gtransformer.training.samples import generate_samples
 
@@ -70,6 +89,36 @@ class RunState:
     step: int = 0
     tokens_seen: int = 0
     elapsed_s: float = 0.0  # training wall time before this session (for --max-minutes across resumes)
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient norm), whole run
+    bad_streak: int = 0  # of those, how many in a row up to now
+
+
+class StopSignals:
+    """SIGTERM / SIGINT during `fit`: the first asks the loop to stop after the current step, with a checkpoint;
+    a second one interrupts at once (KeyboardInterrupt). Installed only in the main thread, restored after."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("%s: finishing this step, then writing a checkpoint (send it again to stop at once)",
+                    self.received)
 
 
 class Trainer:
@@ -86,13 +135,32 @@ class Trainer:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size = "
                 f"{self.model_config.vocab_size}; add --set model.vocab_size={self.tokenizer.vocab_size}"
             )
-        self.resume_from = self.run.latest_checkpoint()
-        if self.resume_from is not None and not resume:
+        check_corpus(len(self.corpus.tokens("train")), len(self.corpus.tokens("val")),
+                     self.model_config.context_length, config.batch_size)
+        if not resume and self.run.latest_checkpoint() is not None:
             raise UserError(f"{out_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
-        if resume and self.resume_from is None:
-            log.warning("--resume: no checkpoint in %s yet, starting from scratch", out_dir)
 
         self.dist, self.device = init_distributed(device)
+        # Rank 0 checks the folder, clears what killed runs left and picks the checkpoint (setting damaged
+        # ones aside); the other ranks then take the newest one left.
+        self.resume_from = None
+        if self.dist.is_main:
+            check_writable(self.run)
+            remove_stale_temporaries(self.run)
+            if resume:
+                self.resume_from = intact_checkpoint(self.run)
+        self.dist.barrier()
+        if resume and not self.dist.is_main:
+            self.resume_from = self.run.latest_checkpoint()
+        if resume and self.resume_from is None and self.dist.is_main:
+            log.warning("--resume: no checkpoint in %s yet, starting from scratch", out_dir)
+        if self.resume_from is not None:
+            saved_model = self.resume_from.read_meta().get("config", {}).get("model")
+            if saved_model is not None:
+                check_resume_shapes(saved_model, self.model_config)
+        if self.dist.is_main:
+            check_free_space(self.run, self.model_config)
+
         self.precision = resolve_precision(config.precision, self.device)
         if config.precision == "auto" and self.dist.is_main:
             log.info("precision auto -> %s: %s", self.precision, auto_precision(self.device)[1])
@@ -100,7 +168,7 @@ class Trainer:
             require_cpp_compiler(self.device, "set train.compile = false")
         if self.dist.is_main:
             self.run.write_config(self.resolved_tables())
-            shutil.copyfile(self.corpus.tokenizer_path, self.run.tokenizer_path)
+            write_bytes_atomic(self.run.tokenizer_path, self.corpus.tokenizer_path.read_bytes())
             if not self.run.chat_template_path.is_file():  # a resumed run keeps the template it was given
                 chat.DEFAULT.save(self.run.chat_template_path)
             if self.resume_from is None:  # rows of an earlier attempt that never reached a checkpoint are redone
@@ -134,6 +202,8 @@ class Trainer:
         self._session_start: float | None = None  # perf_counter at this session's first step
         self.elapsed = 0.0  # training wall time of the run after the last step, earlier sessions included
         self._window_start, self._window_tokens = time.perf_counter(), 0  # tokens/s since the last log row
+        self.signals = StopSignals()  # installed by fit()
+        self.stop_requested: str | None = None  # the signal every rank agreed to stop on, after a step
 
     def resolved_tables(self) -> dict[str, dict[str, Any]]:
         return {"model": dataclasses.asdict(self.model_config), "train": dataclasses.asdict(self.config),
@@ -168,8 +238,9 @@ class Trainer:
         checkpoint = self.resume_from
         if checkpoint is None:
             return False
-        self.parallel.load_model_state(load_model_state(checkpoint))
-        saved = load_train_state(checkpoint)
+        # Rank 0 verified the files when it picked the checkpoint (intact_checkpoint): no second hashing.
+        self.parallel.load_model_state(load_model_state(checkpoint, verify=False))
+        saved = load_train_state(checkpoint, verify=False, required=TRAIN_STATE_KEYS)
         self.parallel.load_optimizer_state(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
         self.loader.load_state_dict(saved["data"])
@@ -210,26 +281,73 @@ class Trainer:
         self.scaler.unscale_(optimizer)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        loss_bad, grad_bad, self.stop_requested = self._agree(loss_sum, grad_norm)
+        # float16: the GradScaler skips steps with non-finite gradients itself (and lowers its scale); only a
+        # non-finite loss is ours to skip. Elsewhere either one is.
+        skip = loss_bad or (grad_bad and not self.scaler.is_enabled())
+        if skip:
+            self.scaler.update()  # float16: the scaler saw the non-finite gradients; its usual scale update
+            self.model.discard_router_loads()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            if grad_bad:  # the scaler skipped the step: the biases stay too
+                self.model.discard_router_loads()
+            else:
+                self.model.update_router_biases()  # its router all-reduces the expert loads under torchrun
         optimizer.zero_grad(set_to_none=True)
-        self.model.update_router_biases()  # its router all-reduces the expert loads under torchrun
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
         self._window_tokens += self.tokens_per_step
         self.elapsed = self._clock()
         if self.bar is not None:
             self.bar.update(1)
+        loss, aux = loss_sum / len(micro_batches), aux_sum / len(micro_batches)
+        if skip:
+            return self._skipped(lr, loss, aux, grad_norm, step_stats)
+        self.state.bad_streak = 0
         if self.state.step % config.log_every and not self.finished:
             return None
-        return self.log_row(lr, loss_sum / len(micro_batches), aux_sum / len(micro_batches), grad_norm, step_stats)
+        return self.log_row(lr, loss, aux, grad_norm, step_stats)
+
+    def _agree(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool, str | None]:
+        """(loss not finite, gradient norm not finite, stop signal) as every rank sees them: one host sync per
+        step, and under torchrun one all-reduce of three numbers (any rank's flag counts for all)."""
+        stop = self.signals.received
+        flags = torch.stack([~torch.isfinite(loss.float()), ~torch.isfinite(grad_norm.float()),
+                             torch.tensor(stop is not None, device=loss.device)]).float()
+        loss_bad, grad_bad, stopping = (value > 0 for value in self.dist.all_reduce_mean(flags).tolist())
+        return loss_bad, grad_bad, (stop or "a signal on another rank") if stopping else None
+
+    def _skipped(self, lr: float, loss: torch.Tensor, aux_loss: torch.Tensor, grad_norm: torch.Tensor,
+                 stats: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """Count a skipped step, write its row, and end the run after train.max_bad_steps in a row."""
+        self.state.skipped_steps += 1
+        self.state.bad_streak += 1
+        limit = self.config.max_bad_steps
+        row = self.log_row(lr, loss, aux_loss, grad_norm, stats, skipped=True)
+        if self.dist.is_main:
+            log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row; train.max_bad_steps = %d)",
+                        self.state.step, row["loss"], row["grad_norm"], self.state.bad_streak, limit)
+        if limit and self.state.bad_streak >= limit:
+            first = self.state.step - self.state.bad_streak + 1
+            newest = self.run.latest_checkpoint()
+            kept = (f"the newest checkpoint, {newest.path}, holds the last good weights" if newest
+                    else "no checkpoint was written")
+            raise UserError(
+                f"the loss or gradient norm was not finite at {self.state.bad_streak} steps in a row (steps "
+                f"{first}-{self.state.step}; train.max_bad_steps = {limit}), so training stopped; {kept}; lower "
+                f"train.lr or use train.precision=float32, then `gtransformer train --out {self.run.path} --resume "
+                f"--set train.lr=...`"
+            )
+        return row
 
     def log_row(self, lr: float, loss: torch.Tensor, aux_loss: torch.Tensor, grad_norm: torch.Tensor,
-                stats: list[dict[str, Any]] | None) -> dict[str, Any]:
-        """Write (rank 0) and return the train row of this step; a non-finite loss ends the run."""
+                stats: list[dict[str, Any]] | None, skipped: bool = False) -> dict[str, Any]:
+        """Write (rank 0) and return the train row of this step."""
         loss_value = float(self.dist.all_reduce_mean(loss))
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
         now = time.perf_counter()
         tokens_per_s = self._window_tokens / max(now - self._window_start, 1e-9)
         self._window_start, self._window_tokens = now, 0
@@ -245,8 +363,11 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "tokens_per_s": tokens_per_s,
             "elapsed_s": self.elapsed,
+            "skipped_steps": self.state.skipped_steps,
             **memory_stats(self.device),
         }
+        if skipped:
+            row["skipped"] = True
         if self.precision == "float16":
             row["grad_scale"] = float(self.scaler.get_scale())
         if self.peak_flops:
@@ -256,9 +377,6 @@ class Trainer:
         self.metrics.write(row)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.2e}")
-        if not math.isfinite(loss_value):
-            raise UserError(f"the loss became {loss_value} at step {self.state.step}; "
-                            f"lower train.lr or use train.precision=float32")
         return row
 
     def evaluate_and_sample(self) -> dict[str, Any]:
@@ -290,12 +408,11 @@ class Trainer:
         weights, optimizer = self.parallel.model_state(), self.parallel.optimizer_state()
         if not self.dist.is_main:
             return
-        elapsed = self.elapsed
         train_state = {
             "optimizer": optimizer,
             "scaler": self.scaler.state_dict(),
             "data": self.loader.state_dict(),
-            "run": {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "elapsed_s": elapsed},
+            "run": {**dataclasses.asdict(self.state), "elapsed_s": self.elapsed},
             "rng": rng_state(),
         }
         meta = {"epoch": self.loader.position.epoch, "tokens_seen": self.state.tokens_seen, "keep": epoch_end,
@@ -303,6 +420,7 @@ class Trainer:
                 # What this session ran on (the model card's hardware and precision).
                 "hardware": {"device": device_name(self.device), "processes": self.dist.world_size,
                              "parallel": self.parallel.name, "precision": self.precision}}
+        self.run.sync_logs()  # the rows up to this step reach the disk before the checkpoint that vouches for them
         path = save_checkpoint(self.run, self.state.step, weights, train_state, meta, keep_last=self.config.keep_last)
         log.info("saved %s", path)
 
@@ -318,7 +436,8 @@ class Trainer:
         """Train until the run is finished (or this session reaches `stop_at_step`); returns the last rows merged.
 
         `stop_at_step` ends the session with a checkpoint without changing the schedule, for time-limited
-        sessions that continue later with `resume`.
+        sessions that continue later with `resume`. So does SIGTERM / SIGINT, after the current step. The final
+        evaluation runs before the final checkpoint: a run resumed from that checkpoint has nothing left to do.
         """
         config = self.config
         if self.dist.is_main:
@@ -329,23 +448,32 @@ class Trainer:
         self._window_start, self._window_tokens = time.perf_counter(), 0
         last_row: dict[str, Any] = {}
         session_over = stop_at_step is not None and self.state.step >= stop_at_step
+        if self.finished and self.dist.is_main:
+            log.info("%s is already finished at step %d (evaluated before its last checkpoint); extend it with "
+                     "--max-steps or --max-minutes", self.run.path, self.state.step)
         self.parallel.runner.train()
-        while not self.finished and not session_over:
-            last_row = self.step() or last_row
-            epoch_ended = self.loader.epoch_just_ended
-            session_over = stop_at_step is not None and self.state.step >= stop_at_step
-            done = self.finished or session_over
-            evaluate = bool(config.eval_every) and self.state.step % config.eval_every == 0 and not done
-            save = epoch_ended or (config.checkpoint_every and self.state.step % config.checkpoint_every == 0) or done
-            if evaluate or save:
-                paused = time.perf_counter()
-                if evaluate:
-                    self.evaluate_and_sample()
-                if save:
-                    self.save(epoch_end=epoch_ended)
-                self._window_start += time.perf_counter() - paused  # tokens/s counts training time only
-        if self.state.step > 0 and (stop_at_step is None or self.finished):
-            last_row = {**last_row, **self.evaluate_and_sample()}
+        with self.signals:
+            while not self.finished and not session_over and not self.stop_requested:
+                last_row = self.step() or last_row
+                epoch_ended = self.loader.epoch_just_ended
+                session_over = stop_at_step is not None and self.state.step >= stop_at_step
+                done = self.finished or session_over or bool(self.stop_requested)
+                evaluate = self.finished or (bool(config.eval_every) and self.state.step % config.eval_every == 0
+                                             and not done)
+                save = epoch_ended or (config.checkpoint_every and self.state.step % config.checkpoint_every == 0) or done
+                if evaluate or save:
+                    paused = time.perf_counter()
+                    if evaluate:
+                        row = self.evaluate_and_sample()
+                        if self.finished:
+                            last_row = {**last_row, **row}
+                    if save:
+                        self.save(epoch_end=epoch_ended)
+                    self._window_start += time.perf_counter() - paused  # tokens/s counts training time only
+        if self.stop_requested and not self.finished and self.dist.is_main:
+            log.warning("stopped by %s at step %d with checkpoint %s; continue with `gtransformer train --out %s "
+                        "--resume`", self.stop_requested, self.state.step, self.run.checkpoint(self.state.step).path,
+                        self.run.path)
         return last_row if self.dist.is_main else {}
 
 
