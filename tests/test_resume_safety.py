@@ -4,6 +4,7 @@ bit-identical (CPU) to a run that was never interrupted."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from gtransformer.config import to_toml
+from gtransformer.errors import UserError
+from gtransformer.training import trainer as trainer_module
 from gtransformer.training.checkpoint import WRITE_DELAY_ENV
 from gtransformer.training.run_dir import RunDir
 from gtransformer.training.trainer import train
@@ -154,3 +157,23 @@ def test_soak_script_quick_version(corpus, tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["equal"] and summary["weights_equal"] and summary["train_losses_equal"]
     assert summary["kills"] + summary["finished_before_all_kills"] >= 1 and summary["corrupt_checkpoints"] == []
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tables, straight, tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    saves = []
+
+    def save_until_the_disk_fills(*args, **kwargs):
+        saves.append(args[1])
+        if len(saves) == 2:  # the second checkpoint finds no room
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    real_save = trainer_module.save_checkpoint
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_until_the_disk_fills)
+    with pytest.raises(UserError, match=r"disk of .* is full while writing step 4 \(step-0000002 is the newest "
+                                        r"intact checkpoint\); free some space.*--resume"):
+        train(tables, run.path, progress_bar=False)
+    monkeypatch.undo()
+    train(tables, run.path, resume=True, progress_bar=False)
+    assert_same_run(run, straight)

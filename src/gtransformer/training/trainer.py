@@ -33,6 +33,7 @@ epoch) and a checkpoint stores everything else, so a resumed run repeats the uni
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import signal
 import threading
@@ -420,8 +421,18 @@ class Trainer:
                 # What this session ran on (the model card's hardware and precision).
                 "hardware": {"device": device_name(self.device), "processes": self.dist.world_size,
                              "parallel": self.parallel.name, "precision": self.precision}}
-        self.run.sync_logs()  # the rows up to this step reach the disk before the checkpoint that vouches for them
-        path = save_checkpoint(self.run, self.state.step, weights, train_state, meta, keep_last=self.config.keep_last)
+        try:
+            self.run.sync_logs()  # the rows up to this step reach the disk before the checkpoint that vouches for them
+            path = save_checkpoint(self.run, self.state.step, weights, train_state, meta,
+                                   keep_last=self.config.keep_last)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            latest = self.run.latest_checkpoint()
+            kept = f"{latest.path.name} is the newest intact checkpoint" if latest else "no checkpoint was written yet"
+            raise UserError(f"the disk of {self.run.path} is full while writing step {self.state.step} ({kept}); "
+                            f"free some space, then continue with gtransformer train --out {self.run.path} "
+                            f"--resume") from None
         log.info("saved %s", path)
 
     def close(self) -> None:
