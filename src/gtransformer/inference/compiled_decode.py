@@ -77,7 +77,7 @@ class CompiledDecoder:
         # On CPU a C++ wrapper (no Python per buffer, no size asserts) saves ~15% of a tiny-preset step.
         options = {"cpp_wrapper": True, "size_asserts": False} if weights.embed.device.type == "cpu" else None
         self._compiled = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
-        self._warm: set[tuple] = set()  # (batch, cache shape, dtype, device) already compiled
+        self._warm: set[tuple] = set()  # (batch, cache shape, strides, dtype, device) already compiled
         self._buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     # ------------------------------------------------------------------ the compiled step
@@ -149,7 +149,8 @@ class CompiledDecoder:
         also its position; pass positions=None and pad=None then.
         """
         batch, device = tokens.shape[0], tokens.device
-        key = (batch, tuple(cache.k.shape), cache.k.dtype, device)
+        # Strides too: a view of some rows of a bigger cache (the engine's) is another graph than a whole cache.
+        key = (batch, tuple(cache.k.shape), cache.k.stride(), cache.k.dtype, device)
         buffers = self._buffers.get(key)
         if buffers is None:
             # Reused every step (a fill, not an allocation); positions stay contiguous so that ragged
