@@ -11,7 +11,6 @@ from conftest import NEEDS_CPP_COMPILER
 
 from gtransformer.cli import main
 from gtransformer.errors import UserError
-from gtransformer import runtime
 from gtransformer.runtime import PEAK_FLOPS, device_peak_flops, resolve_precision
 from gtransformer.training.config import TrainConfig
 from gtransformer.training.optim import lr_multiplier
@@ -107,13 +106,11 @@ def test_time_budget_ends_the_run_with_the_schedule_finished(corpus, tmp_path, m
     assert all(a >= b for a, b in zip(lrs[len(lrs) // 2 :], lrs[len(lrs) // 2 + 1 :]))
 
 
-def test_precision_auto_on_cpu_follows_native_bf16_and_mfu_needs_a_known_peak(monkeypatch):
+def test_precision_auto_is_float32_on_cpu_and_mfu_needs_a_known_peak():
     assert device_peak_flops(torch.device("cpu")) is None  # so MFU is left out of metrics on CPU
     assert PEAK_FLOPS["H100"] == 790e12 and PEAK_FLOPS["T4"] == 65e12
 
-    for feature, expected in (("amx_bf16", "bfloat16"), ("avx512_bf16", "bfloat16"), (None, "float32")):
-        monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: feature)
-        assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("auto", torch.device("cpu")) == "float32"
     with pytest.raises(UserError):
         resolve_precision("float8", torch.device("cpu"))
 

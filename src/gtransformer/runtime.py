@@ -57,20 +57,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
-def cpu_bf16_feature() -> str | None:
-    """The CPU feature that runs bfloat16 matmuls natively ("amx_bf16" or "avx512_bf16"), or None.
-
-    Read from /proc/cpuinfo (Linux). Without one of them (AVX2-only CPUs, say) oneDNN emulates bfloat16
-    and autocast is slower than float32; elsewhere (macOS, Windows) None: float32 is the safe answer.
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return next((feature for feature in ("amx_bf16", "avx512_bf16") if feature in flags), None)
-
-
 def auto_precision(device: torch.device) -> tuple[str, str]:
     """What precision = "auto" picks on this device, and why (for the log)."""
     if device.type == "cuda":
@@ -81,10 +67,10 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
             return "bfloat16", f"GPU compute capability {major}.{minor} has native bfloat16"
         return "float16", f"GPU compute capability {major}.{minor} has no native bfloat16; float16 with a grad scaler"
     if device.type == "cpu":
-        feature = cpu_bf16_feature()
-        if feature:
-            return "bfloat16", f"the CPU has {feature} (native bfloat16 matmuls)"
-        return "float32", "the CPU has no native bfloat16 (AMX or AVX-512 BF16), where bfloat16 would be slower"
+        # bfloat16 autocast is an opt-in on CPUs: it measured 1.0-1.4x float32's speed depending on the CPU
+        # (benchmarks/RESULTS.md), and slower than float32 where bfloat16 is emulated.
+        return "float32", ("CPUs train in float32; train.precision = \"bfloat16\" is faster on some CPUs "
+                           "with AMX or AVX-512 BF16")
     return "float32", f"{device.type} trains in float32"
 
 
