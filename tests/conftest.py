@@ -130,7 +130,8 @@ def serve_folder():
     def start(folder: Path, handler_class=_QuietHandler) -> str:
         handler = functools.partial(handler_class, directory=str(folder))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # Shut down within 50 ms: some tests start many servers.
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}"
 

@@ -1,19 +1,16 @@
 """download against a loopback server that misbehaves: resets, 5xx, 429 with Retry-After, a stalled or
 trickling body, a short body, HTML instead of text; and catalogs, options and manifests that are wrong."""
 
-import functools
 import http.server
 import json
 import socket
 import struct
-import threading
 import time
 from email.utils import formatdate
 from pathlib import Path
 
 import pytest
 
-from conftest import write_mirror
 from gtransformer.cli import main
 from gtransformer.data import download as dl
 from gtransformer.errors import UserError
@@ -77,23 +74,6 @@ def hostile(plan: dict[str, list[str]]):
             self.close_connection = True
 
     return Hostile, seen
-
-
-@pytest.fixture
-def serve_folder():
-    """conftest's serve_folder, shut down within 50 ms (these tests start many servers)."""
-    servers = []
-
-    def start(folder: Path, handler_class) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler_class, directory=str(folder)))
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def book_bytes(mirror: Path) -> bytes:
