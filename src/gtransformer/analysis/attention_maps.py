@@ -28,7 +28,7 @@ from gtransformer.analysis.capture import StopForward, encode_sentence, run_unti
 from gtransformer.analysis.tokens import token_text
 from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.errors import UserError
-from gtransformer.model.attention import Attention, visible_keys
+from gtransformer.model.attention import visible_keys
 from gtransformer.model.model import GPT
 
 
