@@ -1,7 +1,6 @@
 """What the analyses read: a run's model and tokenizer, and the prepared corpus it was trained on.
 
     load_run       a run (or checkpoint) folder -> `LoadedRun(model, tokenizer, meta, corpus)`
-    recorded_data  the corpus folder a run recorded ([data] path of its checkpoint meta or config.toml)
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.errors import UserError
 from gtransformer.model.model import GPT
 from gtransformer.training.checkpoint import load_for_inference
-from gtransformer.training.run_dir import RunDir
+from gtransformer.training.run_dir import CheckpointDir, RunDir
 
 
 class LoadedRun(NamedTuple):
@@ -26,21 +25,6 @@ class LoadedRun(NamedTuple):
     corpus: PreparedCorpus | None  # None when no corpus was given nor recorded
 
 
-def recorded_data(meta: dict[str, Any]) -> Path | None:
-    """The [data] path saved with the checkpoint or in the run's config.toml; a relative one is tried
-    from the working directory, then from the run folder."""
-    path = meta.get("config", {}).get("data", {}).get("path")
-    run = RunDir(meta["run_dir"])
-    if not path and run.has_config():
-        path = run.read_config().get("data", {}).get("path")
-    if not path:
-        return None
-    path = Path(path)
-    if not path.is_absolute() and not path.exists() and (run.path / path).exists():
-        return run.path / path
-    return path
-
-
 def load_run(run: str | Path, data: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedRun:
     """The model (eval mode), tokenizer and meta of a run or checkpoint folder, and its prepared corpus.
 
@@ -48,7 +32,8 @@ def load_run(run: str | Path, data: str | Path | None = None, device: str | torc
     The corpus must hold a val split.
     """
     model, tokenizer, meta = load_for_inference(run, device=device)
-    folder = Path(data) if data is not None else recorded_data(meta)
+    run_dir = RunDir(meta["run_dir"])
+    folder = Path(data) if data is not None else run_dir.recorded_data(CheckpointDir(meta["checkpoint"]))
     corpus = PreparedCorpus(folder).require("val") if folder is not None else None
     if corpus is not None and corpus.tokenizer().vocab_size != tokenizer.vocab_size:
         raise UserError(f"{folder} was prepared with another tokenizer than the run {run} "

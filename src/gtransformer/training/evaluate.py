@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from gtransformer.data.corpus import PreparedCorpus
 from gtransformer.errors import UserError
 from gtransformer.training.checkpoint import load_for_inference
-from gtransformer.training.run_dir import RunDir
+from gtransformer.training.run_dir import CheckpointDir, RunDir
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -139,7 +139,8 @@ def evaluate_checkpoint(
     the run's evals.jsonl (when the checkpoint sits in a run folder), where the model card finds it.
     """
     model, tokenizer, meta = load_for_inference(run_or_checkpoint, device=device)
-    corpus = PreparedCorpus(data or meta.get("config", {}).get("data", {}).get("path", ""))
+    recorded = RunDir(meta["run_dir"]).recorded_data(CheckpointDir(meta["checkpoint"]))
+    corpus = PreparedCorpus(data or recorded or "")
     if not corpus.shard_path(split).is_file():
         raise UserError(f"{corpus.shard_path(split)} not found; pass --data with the prepared corpus folder "
                         f"(the one given to train --data)")

@@ -60,18 +60,10 @@ class CardFacts:
 # --- gathering ----------------------------------------------------------------------------------
 
 
-def checkpoint_tables(run: RunDir, checkpoint: CheckpointDir | None) -> dict[str, dict[str, Any]]:
-    """The tables a checkpoint was trained with (its meta.json), else the run's config.toml, else {}."""
-    tables = dict(run.read_config()) if run.has_config() else {}
-    if checkpoint is not None:
-        tables.update(checkpoint.read_meta().get("config", {}))
-    return tables
-
-
-def corpus_of(tables: dict[str, dict[str, Any]]) -> PreparedCorpus | None:
+def corpus_of(run: RunDir, checkpoint: CheckpointDir | None) -> PreparedCorpus | None:
     """The prepared corpus the run was trained on, when its folder is reachable from here."""
-    path = tables.get("data", {}).get("path")
-    return PreparedCorpus(path) if path and Path(path).is_dir() else None
+    path = run.recorded_data(checkpoint)
+    return PreparedCorpus(path) if path is not None and path.is_dir() else None
 
 
 def count_params(model_table: dict[str, Any]) -> tuple[int, int] | None:
@@ -90,7 +82,7 @@ def gather(run: RunDir, checkpoint: CheckpointDir | None = None) -> CardFacts:
     checkpoint = checkpoint or run.latest_checkpoint()
     meta = checkpoint.read_meta() if checkpoint is not None else {}
     step = meta.get("step")
-    tables = checkpoint_tables(run, checkpoint)
+    tables = run.trained_tables(checkpoint)
 
     def up_to_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [r for r in rows if step is None or r.get("step", 0) <= step]
@@ -100,7 +92,7 @@ def gather(run: RunDir, checkpoint: CheckpointDir | None = None) -> CardFacts:
     evals = [r for r in metrics if r.get("kind") == "eval"]
     samples = up_to_step(run.samples())
     sampled = max((s.get("step", 0) for s in samples), default=None)
-    corpus = corpus_of(tables)
+    corpus = corpus_of(run, checkpoint)
     measured = []
     if corpus is not None and step is not None:
         here = str(corpus.path.resolve())

@@ -21,7 +21,7 @@ from gtransformer.errors import UserError
 from gtransformer.files import write_text_atomic
 from gtransformer.runtime import pick_device
 from gtransformer.training.evaluate import evaluate_checkpoint
-from gtransformer.training.model_card import checkpoint_tables, corpus_of, write_model_card
+from gtransformer.training.model_card import corpus_of, write_model_card
 from gtransformer.training.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -144,14 +144,14 @@ def measure_held_out(run: RunDir, max_tokens: int = EVAL_TOKENS, device: str = "
     checkpoint = run.latest_checkpoint()
     if checkpoint is None:
         return []
-    tables = checkpoint_tables(run, checkpoint)
-    corpus = corpus_of(tables)
+    tables = run.trained_tables(checkpoint)
+    corpus = corpus_of(run, checkpoint)
     step = checkpoint.read_meta().get("step")
     rows = []
     for split in ("val", "test"):
         if corpus is None or not corpus.shard_path(split).is_file():
             log.info("the %s split is not reachable (data.path = %s): the model card will say it was not measured",
-                     split, tables.get("data", {}).get("path"))
+                     split, run.recorded_data(checkpoint))
             continue
         here = str(corpus.path.resolve())
         recorded = [r for r in run.evals() if (r.get("step"), r.get("split"), r.get("data")) == (step, split, here)

@@ -245,6 +245,26 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         return load_toml(self.config_path)
 
+    def trained_tables(self, checkpoint: CheckpointDir | None) -> dict[str, dict[str, Any]]:
+        """The tables a checkpoint was trained with (its meta.json), over the run's config.toml, else {}."""
+        tables = dict(self.read_config()) if self.has_config() else {}
+        if checkpoint is not None:
+            tables.update(checkpoint.read_meta().get("config", {}))
+        return tables
+
+    def recorded_data(self, checkpoint: CheckpointDir | None) -> Path | None:
+        """The prepared corpus folder the run recorded ([data] path), None when it recorded none.
+
+        A relative path is taken from the working directory, else from the run folder when it exists there.
+        """
+        path = self.trained_tables(checkpoint).get("data", {}).get("path")
+        if not path:
+            return None
+        path = Path(path)
+        if not path.is_absolute() and not path.exists() and (self.path / path).exists():
+            return self.path / path
+        return path
+
     def write_config(self, tables: dict[str, dict[str, Any]]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.config_path, to_toml(tables))
