@@ -59,7 +59,8 @@ def train_and_eval(name: str, preset: str, overrides: list[str], args) -> dict:
     wall = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"{name}: train failed:\n{done.stderr[-3000:]}")
-    evaluated = gtransformer("eval", str(run), "--split", "val")
+    evaluated = gtransformer("eval", str(run), "--split", "val",
+                             *(["--max-tokens", str(args.eval_max_tokens)] if args.eval_max_tokens else []))
     if evaluated.returncode != 0:
         raise SystemExit(f"{name}: eval failed:\n{evaluated.stderr[-3000:]}")
     result = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", action="append", required=True, metavar="NAME=PRESET [k=v ...]",
                    help="a configuration to train (repeatable; trained in the order given)")
     p.add_argument("--threads", type=int, help="train --threads (default: torch's choice)")
+    p.add_argument("--eval-max-tokens", type=int, default=0,
+                   help="measure only the first N val predictions (default 0: the whole split; explorations only)")
     p.add_argument("--out", default="benchmarks/out/quality", help="folder for the run folders and the plot")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)

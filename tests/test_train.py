@@ -11,9 +11,12 @@ from conftest import NEEDS_CPP_COMPILER
 
 from gtransformer.cli import main
 from gtransformer.errors import UserError
+from gtransformer import runtime
 from gtransformer.runtime import PEAK_FLOPS, device_peak_flops, resolve_precision
 from gtransformer.training.config import TrainConfig
-from gtransformer.training.optim import lr_multiplier
+from gtransformer.training import model_card
+from gtransformer.training.optim import build_optimizer, lr_multiplier
+from gtransformer.training.run_dir import RunDir
 from gtransformer.training.trainer import train
 
 
@@ -157,3 +160,80 @@ def test_compiled_training_on_cpu_follows_the_eager_losses(corpus, tmp_path, tin
 
     model, _, _ = load_for_inference(tmp_path / "compiled", device="cpu")
     assert all("_orig_mod" not in name for name in model.state_dict())
+
+
+def test_muon_takes_the_hidden_matrices_and_each_expert_as_a_slice(make_model):
+    model = make_model(vocab_size=64)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", muon_lr=0.03), torch.device("cpu"))
+    muon_params = [p for group in optimizer.muon.param_groups for p in group["params"]]
+    adamw_params = {id(p) for group in optimizer.adamw.param_groups for p in group["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 for p in muon_params)
+    # attention q/k/v/o of 2 layers directly, and w1/w3/w2 of 4 experts in 2 layers as (F, D) slices
+    assert len(muon_params) == 2 * 4 + 2 * 3 * 4
+    assert sorted(names[i] for i in adamw_params) == sorted(
+        n for n, p in model.named_parameters()
+        if p.dim() < 2 or n.startswith(("embed_tokens", "lm_head")) or n.endswith("mlp.gate.weight"))
+    w1 = model.layers[0].mlp.experts.w1
+    slices = [p for p in muon_params if p.data_ptr() in {w1[e].data_ptr() for e in range(w1.shape[0])}]
+    assert len(slices) == w1.shape[0]  # each slice shares the stack's storage: Muon's update is the model's
+    assert [g["lr"] for g in optimizer.param_groups] == [0.03] + [3e-4] * len(optimizer.adamw.param_groups)
+
+
+def test_muon_trains_resumes_bit_identically_and_names_itself_in_the_card(corpus, tmp_path, tiny_tables):
+    tables = tiny_tables(corpus, max_steps=8, checkpoint_every=4, optimizer="muon", muon_lr=0.02)
+    train(tables, tmp_path / "straight", progress_bar=False)
+    train(tables, tmp_path / "resumed", stop_at_step=4, progress_bar=False)
+    train(tables, tmp_path / "resumed", resume=True, progress_bar=False)
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert straight == resumed and len(straight) == 8
+    assert straight[-1][1] < straight[0][1] - 0.1
+    card = model_card.training_section(model_card.gather(RunDir(tmp_path / "straight")))
+    assert any("Muon (peak learning rate 0.02" in line for line in card)
+    adamw = tiny_tables(corpus, max_steps=8, checkpoint_every=4)
+    train(adamw, tmp_path / "adamw", progress_bar=False)
+    assert train_losses(tmp_path / "adamw") != straight  # the option changes the optimizer, not only a label
+    # resuming a Muon run as AdamW (or back) is one clear line, not a KeyError from the optimizer
+    adamw["train"]["max_steps"] = 12
+    with pytest.raises(UserError, match="train.optimizer"):
+        train(adamw, tmp_path / "resumed", resume=True, progress_bar=False)
+
+
+def test_optimizer_options_are_checked():
+    with pytest.raises(UserError, match="train.optimizer"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(UserError, match="train.fsdp = false"):
+        TrainConfig(optimizer="muon", fsdp=True)
+    with pytest.raises(UserError, match="train.muon_lr"):
+        TrainConfig(muon_lr=0)
+    with pytest.raises(UserError, match='train.compile'):
+        TrainConfig(compile="yes")
+    assert TrainConfig().compile == "auto" and TrainConfig(compile=True).compile is True
+
+
+@pytest.mark.parametrize("precision, moe, minutes, steps, compiler, expected", [
+    ("bfloat16", True, 5, 0, True, False),     # the 5-minute demo: a minute of compiling would not pay back
+    ("bfloat16", True, 30, 0, True, True),     # the 30-minute CPU budget
+    ("bfloat16", True, 30, 0, False, False),   # no C++ compiler: eager, not an error
+    ("float32", True, 30, 0, True, False),     # a compiled float32 MoE leaves grouped_mm: slower on CPU
+    ("float32", False, 30, 0, True, True),     # a dense float32 model compiles
+    ("bfloat16", True, 0, 100, True, False),   # a short step-bounded run (the tests')
+    ("bfloat16", True, 0, 5000, True, True),
+])
+def test_compile_auto_compiles_long_runs_where_it_is_faster(monkeypatch, precision, moe, minutes, steps, compiler,
+                                                            expected):
+    monkeypatch.setattr(runtime, "has_cpp_compiler", lambda: compiler)
+    on, why = runtime.auto_compile(torch.device("cpu"), precision, moe, minutes, steps)
+    assert on is expected and why
+
+
+def test_compile_auto_on_cuda_needs_triton(monkeypatch):
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
+    assert runtime.auto_compile(torch.device("cuda", 0), "bfloat16", True, 60, 0)[0] is False
+    assert runtime.auto_compile(torch.device("mps"), "float32", True, 60, 0)[0] is False
+
+
+def test_the_trainer_logs_what_compile_auto_chose(corpus, tmp_path, tiny_tables, caplog):
+    with caplog.at_level("INFO", logger="gtransformer"):
+        train(tiny_tables(corpus, max_steps=2), tmp_path / "r", progress_bar=False)
+    assert "compile auto -> off: " in caplog.text

@@ -9,6 +9,7 @@ which precision, how many threads".
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -130,10 +131,45 @@ def require_cpp_compiler(device: torch.device | str, fix: str) -> None:
     """torch.compile on CPU builds C++ with the system compiler: say so up front instead of failing mid-run."""
     if torch.device(device).type != "cpu":
         return
-    candidates = [os.environ.get("CXX"), "c++", "g++", "clang++"]
-    if not any(name and shutil.which(name) for name in candidates):
+    if not has_cpp_compiler():
         raise UserError(f"torch.compile on CPU needs a C++ compiler (g++ or clang++) and none was found; "
                         f"install one (e.g. apt-get install g++) or {fix}")
+
+
+def has_cpp_compiler() -> bool:
+    return any(name and shutil.which(name) for name in (os.environ.get("CXX"), "c++", "g++", "clang++"))
+
+
+# train.compile = "auto" compiles runs at least this long: compiling the training step costs about a minute
+# of a short run, and the compiled step's gain (benchmarks/RESULTS.md, "Quality per minute") pays that back
+# after 5-10 minutes of training.
+COMPILE_MIN_MINUTES = 15.0
+COMPILE_MIN_STEPS = 2000  # the same for step-bounded runs (no max_minutes)
+
+
+def auto_compile(device: torch.device, precision: str, moe: bool, max_minutes: float,
+                 max_steps: int) -> tuple[bool, str]:
+    """Whether train.compile = "auto" compiles this run, and why (for the log)."""
+    if device.type == "cpu":
+        if not has_cpp_compiler():
+            return False, "no C++ compiler (g++ or clang++) for torch.compile on CPU"
+        if moe and precision == "float32":
+            # grouped_mm's compiled form is bfloat16-only on CPU: a compiled float32 MoE runs its experts one by
+            # one, slower than eager (RESULTS.md, "Quality per minute").
+            return False, "a compiled float32 MoE is slower than eager on CPU (its experts leave grouped_mm)"
+    elif device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (torch.compile on CUDA needs it)"
+    else:
+        return False, f"torch.compile is not used on {device.type}"
+    if max_minutes:
+        if max_minutes >= COMPILE_MIN_MINUTES:
+            return True, f"a {max_minutes:g}-minute run repays the ~1 minute of compiling"
+        return False, (f"a {max_minutes:g}-minute run is too short to repay ~1 minute of compiling "
+                       f"(compiles from {COMPILE_MIN_MINUTES:g} minutes)")
+    if max_steps and max_steps < COMPILE_MIN_STEPS:
+        return False, f"{max_steps} steps are too few to repay compiling (compiles from {COMPILE_MIN_STEPS} steps)"
+    return True, f"{max_steps} steps repay compiling" if max_steps else "a run of whole epochs repays compiling"
 
 
 @contextlib.contextmanager

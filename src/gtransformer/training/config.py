@@ -17,6 +17,7 @@ from gtransformer.model.config import ModelConfig
 from gtransformer.runtime import PRECISIONS
 
 SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "muon")
 # How SamplingConfig's fields are called in [train] (its rules check the training samples' settings).
 SAMPLE_NAMES = {"max_new_tokens": "train.sample_tokens", "temperature": "train.sample_temperature",
                 "top_k": "train.sample_top_k", "top_p": "train.sample_top_p",
@@ -41,12 +42,19 @@ class TrainConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: last fraction of the run spent decaying
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon (torch.optim.Muon for the hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # Muon's peak LR (the schedule scales it like lr)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_experts: bool = True  # false: expert stacks stay with AdamW (Muon's orthogonalisation costs O(E F D^2))
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = no clipping
     precision: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the model (CPU too: ~20% faster tiny-preset steps, needs a C++ compiler)
+    # torch.compile the training step: true | false | "auto" (on for runs of 15+ minutes or 2000+ steps where a
+    # C++ compiler (CPU) or triton (CUDA) is present; the log says why)
+    compile: bool | str = "auto"
     fsdp: bool = False  # shard parameters with FSDP2 under torchrun
     log_every: int = 10
     eval_every: int = 250  # 0 = only at the end
@@ -103,11 +111,22 @@ class TrainConfig:
         at_least("warmup_steps", 0)
         within("decay_fraction", 0, 1)
         at_least("weight_decay", 0)
+        if self.optimizer not in OPTIMIZERS:
+            fail("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        if not self.muon_lr > 0:
+            fail("muon_lr", "must be > 0, e.g. 0.02")
+        within("muon_momentum", 0, 1, high_open=True)
+        at_least("muon_weight_decay", 0)
+        if self.optimizer == "muon" and self.fsdp:
+            fail("optimizer", "cannot shard with train.fsdp = true (Muon orthogonalises whole matrices); "
+                 "set train.fsdp = false or train.optimizer = \"adamw\"")
         within("beta1", 0, 1, high_open=True)
         within("beta2", 0, 1, high_open=True)
         if not self.eps > 0:
             fail("eps", "must be > 0, e.g. 1e-8")
         at_least("grad_clip", 0, " (0 = no clipping)")
+        if isinstance(self.compile, str) and self.compile != "auto":
+            fail("compile", 'must be true, false or "auto"')
         if self.precision not in PRECISIONS:
             fail("precision", f"must be one of {', '.join(PRECISIONS)}")
         at_least("log_every", 1)

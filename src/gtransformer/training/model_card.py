@@ -397,7 +397,10 @@ def training_section(facts: CardFacts) -> list[str]:
                                          if "epoch" in last else "")),
         ("batch", f"{batch} windows × {context} tokens = {batch * context:,} tokens per step"
          if batch and context else NOT_RECORDED),
-        ("optimizer", f"AdamW, peak learning rate {t['lr']:g}, {t.get('schedule')} schedule with "
+        ("optimizer", (f"Muon (peak learning rate {t.get('muon_lr'):g}, momentum {t.get('muon_momentum')}) for the "
+                       "hidden matrices and AdamW for embeddings, head, norms and routers, AdamW "
+                       if t.get("optimizer") == "muon" else "AdamW, ")
+         + f"peak learning rate {t['lr']:g}, {t.get('schedule')} schedule with "
          f"{t.get('warmup_steps')} warm-up steps, weight decay {t.get('weight_decay')}, gradient clipping "
          f"{t.get('grad_clip')}" if "lr" in t else NOT_RECORDED),
         ("training time", f"{duration(last['elapsed_s'])}{at} (wall clock from the first step, evaluations "

@@ -54,6 +54,7 @@ from gtransformer.inference import chat
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
 from gtransformer.runtime import (
+    auto_compile,
     auto_precision,
     autocast_context,
     device_name,
@@ -156,17 +157,38 @@ class Trainer:
         if resume and self.resume_from is None and self.dist.is_main:
             log.warning("--resume: no checkpoint in %s yet, starting from scratch", out_dir)
         if self.resume_from is not None:
-            saved_model = self.resume_from.read_meta().get("config", {}).get("model")
-            if saved_model is not None:
-                check_resume_shapes(saved_model, self.model_config)
+            saved_config = self.resume_from.read_meta().get("config", {})
+            if saved_config.get("model") is not None:
+                check_resume_shapes(saved_config["model"], self.model_config)
+            saved_optimizer = saved_config.get("train", {}).get("optimizer", "adamw")
+            if saved_optimizer != config.optimizer:
+                raise UserError(f"--resume: {self.resume_from} was trained with train.optimizer = "
+                                f"\"{saved_optimizer}\" and its optimizer state fits only that; resume with "
+                                f"--set train.optimizer=\"{saved_optimizer}\"")
         if self.dist.is_main:
             check_free_space(self.run, self.model_config)
 
         self.precision = resolve_precision(config.precision, self.device)
         if config.precision == "auto" and self.dist.is_main:
             log.info("precision auto -> %s: %s", self.precision, auto_precision(self.device)[1])
-        if config.compile:
-            require_cpp_compiler(self.device, "set train.compile = false")
+        self.loader = WindowLoader(
+            self.corpus.tokens("train"), self.model_config.context_length, config.batch_size,
+            config.micro_batch_size or max(config.batch_size // self.dist.world_size, 1), config.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        self.max_steps = config.max_steps
+        self.budget_s = config.max_minutes * 60.0
+        if not self.max_steps and not self.budget_s:
+            self.max_steps = config.epochs * self.loader.batches_per_epoch
+        if config.compile == "auto":
+            self.compile, why = auto_compile(self.device, self.precision, self.model_config.n_experts > 0,
+                                             config.max_minutes, self.max_steps)
+            if self.dist.is_main:
+                log.info("compile auto -> %s: %s", "on" if self.compile else "off", why)
+        else:
+            self.compile = config.compile
+            if self.compile:
+                require_cpp_compiler(self.device, "set train.compile = false")
         if self.dist.is_main:
             self.run.write_config(self.resolved_tables())
             write_bytes_atomic(self.run.tokenizer_path, self.corpus.tokenizer_path.read_bytes())
@@ -176,23 +198,15 @@ class Trainer:
                 self.run.truncate_logs(0)
 
         torch.manual_seed(config.seed)
-        self.parallel = Parallel(self.dist, self.device, fsdp=config.fsdp, compile=config.compile)
+        self.parallel = Parallel(self.dist, self.device, fsdp=config.fsdp, compile=self.compile)
         self.parallel.wrap(GPT(self.model_config).to(self.device),
                            lambda model: build_optimizer(model, config, self.device))
         self.model = self.parallel.model
+        self.peak_lrs = [group["lr"] for group in self.parallel.optimizer.param_groups]  # lr, or muon_lr
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "float16")
-        self.loader = WindowLoader(
-            self.corpus.tokens("train"), self.model_config.context_length, config.batch_size,
-            config.micro_batch_size or max(config.batch_size // self.dist.world_size, 1), config.seed,
-            rank=self.dist.rank, world_size=self.dist.world_size,
-        )
         self.val_tokens = self.corpus.tokens("val")
         self.byte_lengths = token_byte_lengths(self.tokenizer)
         self.state = RunState()
-        self.max_steps = config.max_steps
-        self.budget_s = config.max_minutes * 60.0
-        if not self.max_steps and not self.budget_s:
-            self.max_steps = config.epochs * self.loader.batches_per_epoch
         self.tokens_per_step = config.batch_size * self.model_config.context_length
         self.peak_flops = device_peak_flops(self.device)
         self.flops_per_token = self.model.flops_per_token()
@@ -261,9 +275,10 @@ class Trainer:
         config, device, optimizer = self.config, self.device, self.parallel.optimizer
         if self._session_start is None:
             self._session_start = time.perf_counter()
-        lr = config.lr * lr_multiplier(config, self.state.step, self.progress())
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        multiplier = lr_multiplier(config, self.state.step, self.progress())
+        lr = config.lr * multiplier
+        for group, peak in zip(optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak * multiplier
         want_stats = (self.state.step + 1) % config.log_every == 0
         micro_batches = self.loader.next_batch()
         loss_sum = torch.zeros((), device=device)
