@@ -153,10 +153,12 @@ def auto_compile(device: torch.device, precision: str, moe: bool, max_minutes: f
     if device.type == "cpu":
         if not has_cpp_compiler():
             return False, "no C++ compiler (g++ or clang++) for torch.compile on CPU"
-        if moe and precision == "float32":
-            # grouped_mm's compiled form is bfloat16-only on CPU: a compiled float32 MoE runs its experts one by
-            # one, slower than eager (RESULTS.md, "Quality per minute").
-            return False, "a compiled float32 MoE is slower than eager on CPU (its experts leave grouped_mm)"
+        if precision == "float32":
+            # Measured (RESULTS.md, "Quality per minute"): the compiled float32 MoE trained at 0.78x eager's
+            # tokens/s (grouped_mm's compiled form is bfloat16-only on CPU, so its experts run one by one), and
+            # the compiled float32 step alone was no faster (1.02x); bfloat16's was 1.12x.
+            return False, ("float32 on CPU: the compiled step measured no faster than eager"
+                           + (" (a compiled MoE leaves grouped_mm)" if moe else ""))
     elif device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed (torch.compile on CUDA needs it)"
