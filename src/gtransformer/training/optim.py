@@ -5,8 +5,9 @@ schedule (warm-up, then cosine, WSD or constant).
 each expert's w1/w3/w2) to PyTorch's own `torch.optim.Muon`: momentum, then Newton-Schulz orthogonalisation
 of the update. Embeddings, lm_head, norms and the routers stay with AdamW, as in the public small-GPT
 speed-runs. `torch.optim.Muon` takes 2-D parameters only, so each expert of a (E, F, D) stack enters it as
-its own (F, D) slice: a Parameter sharing the stack's storage, whose gradient is set to the matching slice
-of the stack's gradient once backward has written it (`ExpertSlices`).
+its own (F, D) slice: a Parameter sharing the stack's storage, whose gradient is the matching slice of the
+stack's gradient, pointed at again whenever the optimizer's groups are read (`ExpertSlices`), so that a
+GradScaler unscaling them unscales the stack's gradient too.
 """
 
 from __future__ import annotations
@@ -71,8 +72,6 @@ class ExpertSlices:
     def __init__(self, stacks: list[torch.nn.Parameter]):
         self.stacks = stacks
         self.slices = [[torch.nn.Parameter(stack.data[e]) for e in range(stack.shape[0])] for stack in stacks]
-        for stack in stacks:
-            stack.register_post_accumulate_grad_hook(lambda _: self.link_grads())
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [s for slices in self.slices for s in slices]
@@ -106,7 +105,12 @@ class MuonAdamW:
                                      weight_decay=config.muon_weight_decay, momentum=config.muon_momentum,
                                      nesterov=True)
         self.adamw = adamw(rest, config, device)
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Muon's groups, then AdamW's; the expert slices' gradients point at the stacks' current ones."""
+        self.experts.link_grads()
+        return self.muon.param_groups + self.adamw.param_groups
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -130,7 +134,6 @@ class MuonAdamW:
                             "train.optimizer it was trained with")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
 
 
 def lr_multiplier(config: TrainConfig, step: int, progress: float) -> float:
