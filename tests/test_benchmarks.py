@@ -148,3 +148,21 @@ def test_bench_quality_trains_each_configuration_for_the_budget(tmp_path, capsys
     assert all(r["steps"] > 0 and 0 < r["val_bpb"] < 20 and r["curve"] for r in rows.values())
     assert "n_experts = 0" in (tmp_path / "runs" / "dense" / "config.toml").read_text()
     assert (tmp_path / "runs" / "quality.png").is_file() and "val bpb" in capsys.readouterr().out
+
+
+def test_profile_train_splits_a_step_into_phases_and_operators(tmp_path, capsys, make_corpus, tiny_tables):
+    import profile_train
+    from gtransformer.config import to_toml
+
+    corpus = make_corpus(tmp_path / "data")
+    config = tmp_path / "toy.toml"
+    tables = tiny_tables(corpus)
+    del tables["data"]
+    config.write_text(to_toml(tables))
+    assert profile_train.main(["--config", str(config), "--data", str(corpus), "--steps", "3", "--warmup", "1",
+                               "--set", "train.optimizer=\"muon\""]) == 0
+    out = capsys.readouterr().out
+    assert "3 steps" in out and "tokens/s" in out
+    for phase in ("data loading", "forward", "optimizer step", "backward, clipping, rest"):
+        assert phase in out
+    assert "aten::mm" in out  # the operator table

@@ -398,7 +398,8 @@ def training_section(facts: CardFacts) -> list[str]:
         ("batch", f"{batch} windows × {context} tokens = {batch * context:,} tokens per step"
          if batch and context else NOT_RECORDED),
         ("optimizer", (f"Muon (peak learning rate {t.get('muon_lr'):g}, momentum {t.get('muon_momentum')}) for the "
-                       "hidden matrices and AdamW for embeddings, head, norms and routers, AdamW "
+                       + ("hidden matrices" if t.get("muon_experts", True) else "hidden matrices but the experts'")
+                       + " and AdamW for the rest (embeddings, head, norms, routers), AdamW "
                        if t.get("optimizer") == "muon" else "AdamW, ")
          + f"peak learning rate {t['lr']:g}, {t.get('schedule')} schedule with "
          f"{t.get('warmup_steps')} warm-up steps, weight decay {t.get('weight_decay')}, gradient clipping "
