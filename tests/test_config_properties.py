@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import math
 import tomllib
+import types
 import typing
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def valid_values(annotation):
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if args and type(None) in args:
         return st.none() | valid_values(next(a for a in args if a is not type(None)))
+    if origin in (typing.Union, types.UnionType):  # bool | str (train.compile): any member's values
+        return st.one_of(*(valid_values(a) for a in args))
     if annotation is bool:
         return st.booleans()
     if annotation is int:
