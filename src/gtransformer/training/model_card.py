@@ -374,6 +374,15 @@ def architecture_section(facts: CardFacts) -> list[str]:
     return ["## Architecture", "", *table(rows, ("", ""))]
 
 
+def muon_share(t: dict[str, Any]) -> str:
+    """What Muon trained, before the AdamW part of the optimizer line; '' for an AdamW run."""
+    if t.get("optimizer") != "muon":
+        return ""
+    which = "hidden matrices" if t.get("muon_experts", True) else "hidden matrices but the experts'"
+    return (f"Muon (peak learning rate {t.get('muon_lr'):g}, momentum {t.get('muon_momentum')}) for the {which} "
+            "and AdamW for the rest (embeddings, head, norms, routers), ")
+
+
 def training_section(facts: CardFacts) -> list[str]:
     """The checkpoint's step and tokens (meta.json), the last logged train row at or before it (metrics.jsonl)."""
     t, last = facts.train, facts.last_train or {}
@@ -397,11 +406,7 @@ def training_section(facts: CardFacts) -> list[str]:
                                          if "epoch" in last else "")),
         ("batch", f"{batch} windows × {context} tokens = {batch * context:,} tokens per step"
          if batch and context else NOT_RECORDED),
-        ("optimizer", (f"Muon (peak learning rate {t.get('muon_lr'):g}, momentum {t.get('muon_momentum')}) for the "
-                       + ("hidden matrices" if t.get("muon_experts", True) else "hidden matrices but the experts'")
-                       + " and AdamW for the rest (embeddings, head, norms, routers), AdamW "
-                       if t.get("optimizer") == "muon" else "AdamW, ")
-         + f"peak learning rate {t['lr']:g}, {t.get('schedule')} schedule with "
+        ("optimizer", f"{muon_share(t)}AdamW, peak learning rate {t['lr']:g}, {t.get('schedule')} schedule with "
          f"{t.get('warmup_steps')} warm-up steps, weight decay {t.get('weight_decay')}, gradient clipping "
          f"{t.get('grad_clip')}" if "lr" in t else NOT_RECORDED),
         ("training time", f"{duration(last['elapsed_s'])}{at} (wall clock from the first step, evaluations "

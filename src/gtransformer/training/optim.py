@@ -54,7 +54,7 @@ def adamw(named: list[tuple[str, torch.nn.Parameter]], config: TrainConfig, devi
 
 
 def hidden_matrices(model: torch.nn.Module, experts: bool = True) -> set[int]:
-    """ids of the parameters Muon takes: weights of 2 or more dimensions outside embed_tokens, lm_head and
+    """ids of the parameters Muon takes: 2-D weights and 3-D expert stacks outside embed_tokens, lm_head and
     the routers (their rows are per-token / per-expert scores, not a hidden linear map); without the (E, F, D)
     expert stacks when `experts` is false."""
     excluded = {id(p) for m in model.modules() if isinstance(m, (Router, torch.nn.Embedding)) for p in m.parameters()}
@@ -62,7 +62,7 @@ def hidden_matrices(model: torch.nn.Module, experts: bool = True) -> set[int]:
     if lm_head is not None:
         excluded |= {id(p) for p in lm_head.parameters()}
     return {id(p) for p in model.parameters()
-            if p.requires_grad and (p.dim() == 2 or p.dim() > 2 and experts) and id(p) not in excluded}
+            if p.requires_grad and (p.dim() == 2 or p.dim() == 3 and experts) and id(p) not in excluded}
 
 
 class ExpertSlices:
@@ -98,9 +98,6 @@ class MuonAdamW:
         matrices = [p for p in model.parameters() if id(p) in hidden and p.dim() == 2]
         self.experts = ExpertSlices([p for p in model.parameters() if id(p) in hidden and p.dim() == 3])
         rest = [(n, p) for n, p in model.named_parameters() if id(p) not in hidden]
-        if any(p.dim() > 3 for p in model.parameters() if id(p) in hidden):
-            raise UserError("train.optimizer = \"muon\" takes 2-D matrices and 3-D expert stacks only; "
-                            "use train.optimizer = \"adamw\"")
         self.muon = torch.optim.Muon(matrices + self.experts.parameters(), lr=config.muon_lr,
                                      weight_decay=config.muon_weight_decay, momentum=config.muon_momentum,
                                      nesterov=True)
