@@ -174,6 +174,17 @@ def auto_compile(device: torch.device, precision: str, moe: bool, max_minutes: f
     return True, f"{max_steps} steps repay compiling" if max_steps else "a run of whole epochs repays compiling"
 
 
+def resolve_compile(requested: bool | str, device: torch.device, precision: str, moe: bool, max_minutes: float,
+                    max_steps: int) -> tuple[bool, str | None]:
+    """train.compile resolved: `auto_compile`'s answer and reason for "auto"; true / false as given (no reason),
+    a UserError up front when true cannot compile on this CPU."""
+    if requested == "auto":
+        return auto_compile(device, precision, moe, max_minutes, max_steps)
+    if requested:
+        require_cpp_compiler(device, "set train.compile = false")
+    return bool(requested), None
+
+
 @contextlib.contextmanager
 def intra_op_threads(n: int | None):
     """Run torch CPU ops on n threads inside the block, then restore the count (None: leave it alone)."""

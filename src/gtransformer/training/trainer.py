@@ -54,14 +54,13 @@ from gtransformer.inference import chat
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
 from gtransformer.runtime import (
-    auto_compile,
     auto_precision,
     autocast_context,
     device_name,
     device_peak_flops,
     init_distributed,
     memory_stats,
-    require_cpp_compiler,
+    resolve_compile,
     resolve_precision,
 )
 from gtransformer.training.checkpoint import (
@@ -180,15 +179,10 @@ class Trainer:
         self.budget_s = config.max_minutes * 60.0
         if not self.max_steps and not self.budget_s:
             self.max_steps = config.epochs * self.loader.batches_per_epoch
-        if config.compile == "auto":
-            self.compile, why = auto_compile(self.device, self.precision, self.model_config.n_experts > 0,
-                                             config.max_minutes, self.max_steps)
-            if self.dist.is_main:
-                log.info("compile auto -> %s: %s", "on" if self.compile else "off", why)
-        else:
-            self.compile = config.compile
-            if self.compile:
-                require_cpp_compiler(self.device, "set train.compile = false")
+        self.compile, why = resolve_compile(config.compile, self.device, self.precision,
+                                            self.model_config.n_experts > 0, config.max_minutes, self.max_steps)
+        if why and self.dist.is_main:
+            log.info("compile auto -> %s: %s", "on" if self.compile else "off", why)
         if self.dist.is_main:
             self.run.write_config(self.resolved_tables())
             write_bytes_atomic(self.run.tokenizer_path, self.corpus.tokenizer_path.read_bytes())
