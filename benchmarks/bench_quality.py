@@ -11,6 +11,12 @@ run's in-training evaluations.
         --config "dense=configs/tiny.toml model.n_experts=0" \\
         --out benchmarks/out/quality
 
+With `--interleave` the configurations train in one process instead, time-shared: the one
+with the least training time so far takes the next step, so each gets the same budget of
+its own training time and a shared host's slow minutes hit all of them alike (this host's
+speed drifts by up to 1.6x within an hour). Each run's LR schedule and `--max-minutes` see
+only its own time; the whole-val evaluation is the same `gtransformer eval`.
+
 A configuration is `NAME=PRESET [section.key=value ...]`. `model.n_experts=0` gives the dense
 model whose SwiGLU width is top_k * expert_hidden, so its active FLOPs per token match the
 MoE's (`ModelConfig.dense_hidden`).
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -29,10 +36,15 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Interleaved models share oneDNN's cache of bfloat16 kernels (one per shape); its default 1024 would thrash.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from gtransformer.config import apply_overrides, load_toml  # noqa: E402
 from gtransformer.files import read_jsonl  # noqa: E402
+from gtransformer.runtime import intra_op_threads  # noqa: E402
+from gtransformer.training.trainer import Trainer  # noqa: E402
 
 
 def parse_config(text: str) -> tuple[str, str, list[str]]:
@@ -59,6 +71,55 @@ def train_and_eval(name: str, preset: str, overrides: list[str], args) -> dict:
     wall = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"{name}: train failed:\n{done.stderr[-3000:]}")
+    return evaluate_run(name, preset, overrides, wall, args)
+
+
+class TimeShare:
+    """One configuration's `Trainer` in an interleaved run, with a clock of its own training time only."""
+
+    def __init__(self, name: str, preset: str, overrides: list[str], args):
+        self.name, self.preset, self.overrides = name, preset, overrides
+        tables = apply_overrides(load_toml(preset), overrides)
+        tables.setdefault("data", {})["path"] = args.data
+        tables["train"]["max_minutes"] = args.minutes
+        self.trainer = Trainer(tables, Path(args.out) / name, progress_bar=False)
+        self.used_s, self.turn_start, self.turn_end = 0.0, 0.0, time.perf_counter()
+        self.trainer._clock = self.clock  # the schedule and the budget follow this run's own time
+
+    def clock(self) -> float:
+        return self.used_s + time.perf_counter() - self.turn_start
+
+    def turn(self) -> None:
+        """One optimizer step, and the in-training evaluation when one is due (timed as `fit` does)."""
+        trainer, config = self.trainer, self.trainer.config
+        self.turn_start = time.perf_counter()
+        trainer._window_start += self.turn_start - self.turn_end  # its tokens/s leaves out the others' turns
+        trainer.step()
+        if trainer.finished or (config.eval_every and trainer.state.step % config.eval_every == 0):
+            trainer.evaluate_and_sample()
+        self.used_s = self.clock()
+        self.turn_end = time.perf_counter()
+        if trainer.finished:
+            trainer.save()
+            trainer.close()
+
+
+def train_interleaved(configs: list[tuple[str, str, list[str]]], args) -> list[dict]:
+    shares = [TimeShare(name, preset, overrides, args) for name, preset, overrides in configs]
+    started = time.monotonic()
+    running = list(shares)
+    while running:
+        share = min(running, key=lambda s: s.used_s)
+        share.turn()
+        if share.trainer.finished:
+            running.remove(share)
+    wall = time.monotonic() - started
+    return [evaluate_run(s.name, s.preset, s.overrides, wall, args) for s in shares]
+
+
+def evaluate_run(name: str, preset: str, overrides: list[str], wall: float, args) -> dict:
+    """`gtransformer eval` of a finished run folder, with its training rows' tokens, speed and curve."""
+    run = Path(args.out) / name
     evaluated = gtransformer("eval", str(run), "--split", "val",
                              *(["--max-tokens", str(args.eval_max_tokens)] if args.eval_max_tokens else []))
     if evaluated.returncode != 0:
@@ -99,12 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="train --threads (default: torch's choice)")
     p.add_argument("--eval-max-tokens", type=int, default=0,
                    help="measure only the first N val predictions (default 0: the whole split; explorations only)")
+    p.add_argument("--interleave", action="store_true",
+                   help="train the configurations time-shared in one process (each gets the same training time)")
     p.add_argument("--out", default="benchmarks/out/quality", help="folder for the run folders and the plot")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     configs = [parse_config(c) for c in args.config]
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    results = [train_and_eval(name, preset, overrides, args) for name, preset, overrides in configs]
+    if args.interleave:
+        with intra_op_threads(args.threads):  # the interleaved trainers run in this process
+            results = train_interleaved(configs, args)
+    else:
+        results = [train_and_eval(name, preset, overrides, args) for name, preset, overrides in configs]
     first = results[0]["val_bpb"]
     for r in results:
         r["vs_first"] = r["val_bpb"] / first - 1

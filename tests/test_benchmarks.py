@@ -150,6 +150,32 @@ def test_bench_quality_trains_each_configuration_for_the_budget(tmp_path, capsys
     assert (tmp_path / "runs" / "quality.png").is_file() and "val bpb" in capsys.readouterr().out
 
 
+def test_bench_quality_interleaved_gives_each_configuration_the_same_training_time(tmp_path, make_corpus,
+                                                                                   tiny_tables):
+    import bench_quality
+    from gtransformer.config import to_toml
+    from gtransformer.files import read_jsonl
+
+    corpus = make_corpus(tmp_path / "data")
+    config = tmp_path / "toy.toml"
+    config.write_text(to_toml(tiny_tables(corpus, eval_every=4, checkpoint_every=0)))
+    out = tmp_path / "quality.json"
+    minutes = 0.05
+    assert bench_quality.main(["--data", str(corpus), "--minutes", str(minutes), "--threads", "1", "--interleave",
+                               "--out", str(tmp_path / "runs"), "--json", str(out), "--config", f"moe={config}",
+                               "--config", f"dense={config} model.n_experts=0"]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert all(r["steps"] > 0 and 0 < r["val_bpb"] < 20 and r["curve"] for r in rows.values())
+    own = {name: [r for r in read_jsonl(tmp_path / "runs" / name / "metrics.jsonl") if r["kind"] == "eval"][-1]
+           for name in rows}
+    for row in own.values():  # each run's clock counted its own turns: it ended at its budget, not before
+        assert minutes * 60 <= row["elapsed_s"] < minutes * 60 + 2
+    # time-shared: the wall clock covered both budgets
+    assert rows["moe"]["wall_s"] >= 2 * minutes * 60
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "runs" / "moe" / "metrics.jsonl") if r["kind"] == "train"]
+    assert lrs[-1] < max(lrs)  # the schedule decayed over its own time
+
+
 def test_profile_train_splits_a_step_into_phases_and_operators(tmp_path, capsys, make_corpus, tiny_tables):
     import profile_train
     from gtransformer.config import to_toml

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
-from gtransformer.model.moe import FEW_TOKENS, ExpertPathChoice, MoE, grouped_mm_supported, init_moe_weights
+from gtransformer.model.moe import CPU_BF16_ROWS, FEW_TOKENS, ExpertPathChoice, MoE, grouped_mm_supported, init_moe_weights
 
 # Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,6 +166,35 @@ def test_bfloat16_autocast_forward_and_backward(impl):
     torch.testing.assert_close(out, reference, atol=0.05, rtol=0.05)  # bf16 rounding, same routing
     (out.square().sum() + weighted).backward()
     assert moe.experts.w1.grad.dtype == torch.float32 and moe.experts.w1.grad.abs().sum() > 0
+
+
+@needs_grouped
+def test_bfloat16_on_cpu_pads_each_experts_rows_and_agrees_with_the_loop(monkeypatch):
+    """oneDNN builds a kernel per new bfloat16 shape: the grouped GEMMs see row counts in multiples of
+    CPU_BF16_ROWS (zero rows), and the result is the loop's."""
+    moe = make_moe()
+    offsets_seen, real_grouped_mm = [], F.grouped_mm
+
+    def recording(a, b, offs=None, **kwargs):
+        offsets_seen.append((a.shape[0], offs.tolist()))
+        return real_grouped_mm(a, b, offs=offs, **kwargs)
+
+    monkeypatch.setattr(F, "grouped_mm", recording)
+    torch.manual_seed(1)
+    x, upstream = torch.randn(3, 7, 32), torch.randn(3, 7, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_loop, dx_loop, g_loop = run_path(moe, "loop", x, upstream)
+        out_grouped, dx_grouped, g_grouped = run_path(moe, "grouped", x, upstream)
+    assert offsets_seen, "the grouped path ran"
+    for rows, offsets in offsets_seen:
+        assert rows == offsets[-1] and all(o % CPU_BF16_ROWS == 0 for o in offsets)
+    torch.testing.assert_close(out_grouped, out_loop, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dx_grouped, dx_loop, atol=2e-2, rtol=2e-2)
+    for name in g_loop:
+        # bfloat16 rounding, relative to the largest entry (the router's gradient sums many rounded terms)
+        scale = g_loop[name].abs().max().item()
+        torch.testing.assert_close(g_grouped[name], g_loop[name], atol=1e-2 * scale, rtol=2e-2, msg=name)
+        assert scale > 0, name
 
 
 def test_the_chosen_expert_path_is_logged_once(caplog):

@@ -68,11 +68,31 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
             return "bfloat16", f"GPU compute capability {major}.{minor} has native bfloat16"
         return "float16", f"GPU compute capability {major}.{minor} has no native bfloat16; float16 with a grad scaler"
     if device.type == "cpu":
-        # bfloat16 autocast is an opt-in on CPUs: it measured 1.0-1.4x float32's speed depending on the CPU
-        # (benchmarks/RESULTS.md), and slower than float32 where bfloat16 is emulated.
-        return "float32", ("CPUs train in float32; train.precision = \"bfloat16\" is faster on some CPUs "
-                           "with AMX or AVX-512 BF16")
+        flag = cpu_native_bfloat16()
+        if flag:
+            # Measured (benchmarks/RESULTS.md, "bfloat16 on CPU"): tiny trains ~1.6x faster than in float32
+            # on an AMX CPU, once the MoE's shapes stay few and attention runs in float32.
+            return "bfloat16", f"the CPU has native bfloat16 ({flag})"
+        # Emulated bfloat16 (AVX2-only CPUs, Apple's) is slower than float32.
+        return "float32", "the CPU has no native bfloat16 (AMX or AVX-512 BF16)"
     return "float32", f"{device.type} trains in float32"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_native_bfloat16() -> str | None:
+    """The CPU flag that gives bfloat16 matmuls native speed (AMX, else AVX-512 BF16), or None."""
+    flags = cpu_flags()
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -153,12 +173,14 @@ def auto_compile(device: torch.device, precision: str, moe: bool, max_minutes: f
     if device.type == "cpu":
         if not has_cpp_compiler():
             return False, "no C++ compiler (g++ or clang++) for torch.compile on CPU"
+        if moe:
+            # Measured (RESULTS.md, "Quality per minute", "bfloat16 on CPU"): the compiled MoE trained at 0.78x
+            # eager's tokens/s in float32 (grouped_mm's compiled form is bfloat16-only, so its experts run one by
+            # one) and at 0.55x in bfloat16 (eager pads the experts' rows to few shapes; compiled it cannot).
+            return False, "a compiled MoE measured slower than eager on CPU (0.78x float32, 0.55x bfloat16)"
         if precision == "float32":
-            # Measured (RESULTS.md, "Quality per minute"): the compiled float32 MoE trained at 0.78x eager's
-            # tokens/s (grouped_mm's compiled form is bfloat16-only on CPU, so its experts run one by one), and
-            # the compiled float32 step alone was no faster (1.02x); bfloat16's was 1.12x.
-            return False, ("float32 on CPU: the compiled step measured no faster than eager"
-                           + (" (a compiled MoE leaves grouped_mm)" if moe else ""))
+            # The compiled dense float32 step alone was no faster (1.02x); bfloat16's was 1.12x.
+            return False, "float32 on CPU: the compiled step measured no faster than eager"
     elif device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed (torch.compile on CUDA needs it)"

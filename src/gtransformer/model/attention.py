@@ -182,12 +182,15 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
 
         if cache is None:
-            if q.device.type == "cpu" and q.dtype == torch.bfloat16 and self.training:
-                # CPU's flash attention runs its backward ~1.4x faster in float32 than in bfloat16
-                # (tiny preset, one thread: 30 vs 42 ms per layer); the projections stay bfloat16.
-                q, k, v = q.float(), k.float(), v.float()
             # Keys/values keep n_kv_heads; enable_gqa shares them without repeating in memory.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            if q.device.type == "cpu" and q.dtype == torch.bfloat16 and self.training:
+                # CPU's flash attention trains ~3x faster in float32 than in bfloat16 (benchmarks/RESULTS.md,
+                # "bfloat16 on CPU"); the projections stay bfloat16. Autocast would cast q, k, v back: off here.
+                with torch.autocast("cpu", enabled=False):
+                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                                       enable_gqa=self.n_kv_heads != self.n_heads).to(q.dtype)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             k_all, v_all, mask = cache.write(self.layer, k, v)
             y = F.scaled_dot_product_attention(

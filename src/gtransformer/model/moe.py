@@ -35,6 +35,10 @@ _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split("."
 # sort/scatter bookkeeping or for splitting over threads. The one threshold behind Experts'
 # forward_few_tokens, the eager decoder (`inference.decode`) and DecodeOptions.single_thread_steps.
 FEW_TOKENS = 4
+# oneDNN builds a bfloat16 CPU matmul kernel for each new shape (~2 ms, more than the product itself), and
+# the rows per expert change every step; padding each expert's rows to a multiple of this keeps the shapes
+# few and their kernels cached (benchmarks/RESULTS.md, "bfloat16 on CPU").
+CPU_BF16_ROWS = 64
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -203,54 +207,77 @@ class Experts(nn.Module):
 
         Rows move by permutation (gathers both ways) instead of index_add, whose
         scatter-add is slow on CPU; each token's k results are mixed by one bmm.
+        On CPU in bfloat16 each expert's rows are padded with zero rows to a
+        multiple of CPU_BF16_ROWS (see there); the padding rows add nothing.
         """
         n_tokens, top_k = top_ids.shape
-        order = torch.argsort(top_ids.reshape(-1))
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        offsets = torch.cumsum(counts, dim=0).to(torch.int32)
         # grouped_mm is not autocast-aware: cast explicitly to the autocast dtype.
         dtype = _compute_dtype(x)
+        expert_of_pair = top_ids.reshape(-1)
+        order = torch.argsort(expert_of_pair)  # sorted row -> (token, slot) pair
+        row_of_sorted = torch.arange(order.numel(), device=order.device)
+        group_sizes = counts
+        if x.device.type == "cpu" and dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+            group_sizes = (counts + CPU_BF16_ROWS - 1) // CPU_BF16_ROWS * CPU_BF16_ROWS
+            # Expert e's rows start at its padded offset: shift each sorted row by the padding before it.
+            shift = (torch.cumsum(group_sizes, 0) - group_sizes) - (torch.cumsum(counts, 0) - counts)
+            row_of_sorted = row_of_sorted + shift[expert_of_pair[order]]
+        row_of_pair = torch.empty_like(order).scatter_(0, order, row_of_sorted)
+        n_rows = order.numel() if group_sizes is counts else int(group_sizes.sum())  # CPU: no sync to pay
+        # Each row's pair; padding rows name pair n_pairs, a zero row appended by the gathers below.
+        pair_of_row = torch.full((n_rows,), order.numel(), dtype=order.dtype, device=order.device)
+        pair_of_row[row_of_sorted] = order
+        offsets = torch.cumsum(group_sizes, dim=0).to(torch.int32)
         # One GEMM for gate and up projections together (measured ~30% faster fwd+bwd on CPU than two).
         w13 = torch.cat((self.w1, self.w3), dim=1).to(dtype).transpose(1, 2)
         w2 = self.w2.to(dtype).transpose(1, 2)
-        h = GatherTokens.apply(x.to(dtype), order, inverse, top_k)
+        h = GatherTokens.apply(x.to(dtype), pair_of_row, row_of_pair, top_k)
         gate, up = F.grouped_mm(h, w13, offs=offsets).chunk(2, dim=-1)
         h = F.grouped_mm(swiglu(gate, up), w2, offs=offsets)
-        h = PermuteRows.apply(h, inverse, order).view(n_tokens, top_k, -1)
+        h = PermuteRows.apply(h, row_of_pair, pair_of_row).view(n_tokens, top_k, -1)
         return torch.bmm(top_weights.to(h.dtype)[:, None, :], h).squeeze(1)
 
 
-class GatherTokens(torch.autograd.Function):
-    """rows = x[order // top_k]: each token once per chosen expert, sorted by expert, in one gather.
+def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
+    """x with one row of zeros appended: the source of the padding rows' gathers."""
+    return torch.cat((x, x.new_zeros(1, x.shape[-1])))
 
-    The gradient sums each token's top_k rows: a gather by `inverse` and a sum
-    over k, where autograd would scatter-add (slow on CPU).
+
+class GatherTokens(torch.autograd.Function):
+    """rows = x[pair_of_row // top_k]: each token once per chosen expert, sorted by expert, in one gather.
+
+    Padding rows (pair_of_row = n_pairs) read a zero row. The gradient sums each
+    token's top_k rows: a gather by `row_of_pair` and a sum over k, where
+    autograd would scatter-add (slow on CPU).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
+    def forward(ctx, x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.Tensor, top_k: int):
+        ctx.save_for_backward(row_of_pair)
         ctx.top_k = top_k
-        return x[torch.div(order, top_k, rounding_mode="floor")]
+        source = x if pair_of_row.numel() == row_of_pair.numel() else _with_zero_row(x)
+        return source[torch.div(pair_of_row, top_k, rounding_mode="floor")]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse].view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
+        (row_of_pair,) = ctx.saved_tensors
+        return grad[row_of_pair].view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
 
 
 class PermuteRows(torch.autograd.Function):
-    """rows = x[perm], whose gradient is grad[inverse]: a gather, where autograd would scatter-add."""
+    """pairs = rows[row_of_pair], whose gradient is a gather by pair_of_row (zero for padding rows),
+    where autograd would scatter-add."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x[perm]
+    def forward(ctx, x: torch.Tensor, row_of_pair: torch.Tensor, pair_of_row: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pair_of_row)
+        ctx.padded = pair_of_row.numel() != row_of_pair.numel()
+        return x[row_of_pair]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        (pair_of_row,) = ctx.saved_tensors
+        return (_with_zero_row(grad) if ctx.padded else grad)[pair_of_row], None, None
 
 
 class MoE(nn.Module):
