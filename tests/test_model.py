@@ -148,6 +148,20 @@ def test_presets_load_and_base_matches_the_issue_sizes():
     assert active == pytest.approx(101e6, rel=0.01)
 
 
+def test_presets_by_budget_keep_the_moe_where_it_wins():
+    """tiny (the 5-minute demo) shows the MoE; laptop, the CPU preset for 30+ minutes, is the dense model of
+    tiny's shape and active FLOPs that beat it on CPU; the GPU presets (small, base) keep the MoE."""
+    presets = {name: ModelConfig.from_dict(load_toml(CONFIGS / f"{name}.toml")["model"])
+               for name in ("tiny", "laptop", "small", "base")}
+    tiny, laptop = presets["tiny"], presets["laptop"]
+    assert laptop.n_experts == 0 and all(presets[name].n_experts > 0 for name in ("tiny", "small", "base"))
+    assert laptop.resolved_dense_hidden == tiny.top_k * tiny.expert_hidden
+    with torch.device("meta"):
+        assert GPT(laptop).flops_per_token() == pytest.approx(GPT(tiny).flops_per_token(), rel=0.01)  # + router
+    for key in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads"):
+        assert getattr(laptop, key) == getattr(tiny, key), key
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [

@@ -7,6 +7,11 @@ layout is what Mixtral checkpoints on the Hub use: transformers 4.x reads it
 directly and 5.x fuses it on load (gate_up_proj/down_proj). Import accepts
 both that layout and 5.x's fused one (what `save_pretrained` may write).
 
+A dense model (n_experts = 0) exports as a Mixtral with one expert per layer
+chosen for every token (top-1 of one, zero router weights: mixing weight 1), its
+SwiGLU as that expert: the same function, and the same loaders. Import reads it
+back as that one-expert MoE.
+
 Given a model card (training/model_card.py), export writes it as the folder's
 README.md behind the Hub's YAML metadata header (`HUB_METADATA`), so the folder
 uploads to the Hugging Face Hub as it is.
@@ -52,9 +57,7 @@ tags:
 def mixtral_incompatibilities(config: ModelConfig) -> list[str]:
     """The [model] options Mixtral cannot represent, each named with the reason (empty when it can)."""
     problems = []
-    if config.n_experts == 0:
-        problems.append("n_experts = 0 (a dense model; Mixtral needs experts)")
-    if config.moe_every != 1:
+    if config.n_experts and config.moe_every != 1:
         problems.append(f"moe_every = {config.moe_every} (Mixtral has an MoE feed-forward in every layer)")
     if config.n_shared_experts:
         problems.append(f"n_shared_experts = {config.n_shared_experts} (Mixtral has no shared experts)")
@@ -87,7 +90,8 @@ def mixtral_config(config: ModelConfig, bos_eos_id: int | None, dtype: torch.dty
         "model_type": "mixtral",
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
-        "intermediate_size": config.expert_hidden,
+        # A dense model: one expert per layer, its SwiGLU (see the module docstring).
+        "intermediate_size": config.expert_hidden if config.n_experts else config.resolved_dense_hidden,
         "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
@@ -98,8 +102,8 @@ def mixtral_config(config: ModelConfig, bos_eos_id: int | None, dtype: torch.dty
         "rope_theta": config.rope_theta,  # transformers 4.x
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},  # transformers 5.x
         "tie_word_embeddings": config.tie_embeddings,
-        "num_local_experts": config.n_experts,
-        "num_experts_per_tok": config.top_k,
+        "num_local_experts": config.n_experts or 1,
+        "num_experts_per_tok": config.top_k if config.n_experts else 1,
         "sliding_window": None,
         "attention_dropout": 0.0,
         "router_aux_loss_coef": config.aux_loss_coef,
@@ -126,6 +130,11 @@ def to_mixtral_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         put(f"{prefix}.post_attention_layernorm.weight", block.post_attention_layernorm.weight)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             put(f"{prefix}.self_attn.{proj}.weight", getattr(block.self_attn, proj).weight)
+        if not block.is_moe:  # a dense layer: the one expert of a zero router
+            put(f"{prefix}.block_sparse_moe.gate.weight", block.mlp.w1.weight.new_zeros(1, model.config.d_model))
+            for w in ("w1", "w2", "w3"):
+                put(f"{prefix}.block_sparse_moe.experts.0.{w}.weight", getattr(block.mlp, w).weight)
+            continue
         put(f"{prefix}.block_sparse_moe.gate.weight", block.mlp.gate.weight)
         experts = block.mlp.experts
         for e in range(model.config.n_experts):

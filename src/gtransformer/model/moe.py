@@ -216,17 +216,16 @@ class Experts(nn.Module):
         expert_of_pair = top_ids.reshape(-1)
         order = torch.argsort(expert_of_pair)  # sorted row -> (token, slot) pair
         row_of_sorted = torch.arange(order.numel(), device=order.device)
-        group_sizes = counts
+        group_sizes, pair_of_row = counts, order  # each GEMM row's (token, slot) pair
         if x.device.type == "cpu" and dtype == torch.bfloat16 and not torch.compiler.is_compiling():
             group_sizes = (counts + CPU_BF16_ROWS - 1) // CPU_BF16_ROWS * CPU_BF16_ROWS
             # Expert e's rows start at its padded offset: shift each sorted row by the padding before it.
             shift = (torch.cumsum(group_sizes, 0) - group_sizes) - (torch.cumsum(counts, 0) - counts)
             row_of_sorted = row_of_sorted + shift[expert_of_pair[order]]
+            # Padding rows name pair n_pairs: a zero row that the gathers below append. (CPU: .item() is free.)
+            pair_of_row = torch.full((int(group_sizes.sum()),), order.numel(), dtype=order.dtype)
+            pair_of_row[row_of_sorted] = order
         row_of_pair = torch.empty_like(order).scatter_(0, order, row_of_sorted)
-        n_rows = order.numel() if group_sizes is counts else int(group_sizes.sum())  # CPU: no sync to pay
-        # Each row's pair; padding rows name pair n_pairs, a zero row appended by the gathers below.
-        pair_of_row = torch.full((n_rows,), order.numel(), dtype=order.dtype, device=order.device)
-        pair_of_row[row_of_sorted] = order
         offsets = torch.cumsum(group_sizes, dim=0).to(torch.int32)
         # One GEMM for gate and up projections together (measured ~30% faster fwd+bwd on CPU than two).
         w13 = torch.cat((self.w1, self.w3), dim=1).to(dtype).transpose(1, 2)
