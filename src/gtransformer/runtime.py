@@ -78,15 +78,20 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
     return "float32", f"{device.type} trains in float32"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where unreadable."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` of /proc/cpuinfo (Linux), or None where it is missing or unreadable."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where unreadable."""
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def cpu_native_bfloat16() -> str | None:
@@ -121,14 +126,7 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type != "cpu":
         return device.type
-    model = platform.processor() or platform.machine() or "unknown model"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown model"
     threads = torch.get_num_threads()
     return f"CPU ({model}, {threads} thread{'' if threads == 1 else 's'})"
 
