@@ -74,31 +74,46 @@ def train_and_eval(name: str, preset: str, overrides: list[str], args) -> dict:
     return evaluate_run(name, preset, overrides, wall, args)
 
 
+class TurnTimer:
+    """A clock that runs only during its configuration's turns: that run's own training time."""
+
+    def __init__(self):
+        self.used_s, self.turn_start = 0.0, None
+
+    def __call__(self) -> float:
+        return self.used_s + (time.perf_counter() - self.turn_start if self.turn_start is not None else 0.0)
+
+    def start(self) -> None:
+        self.turn_start = time.perf_counter()
+
+    def stop(self) -> None:
+        self.used_s, self.turn_start = self(), None
+
+
 class TimeShare:
-    """One configuration's `Trainer` in an interleaved run, with a clock of its own training time only."""
+    """One configuration's `Trainer` in an interleaved run, timed by a `TurnTimer` (its budget, LR schedule and
+    tokens/s see only its own turns)."""
 
     def __init__(self, name: str, preset: str, overrides: list[str], args):
         self.name, self.preset, self.overrides = name, preset, overrides
         tables = apply_overrides(load_toml(preset), overrides)
         tables.setdefault("data", {})["path"] = args.data
         tables["train"]["max_minutes"] = args.minutes
-        self.trainer = Trainer(tables, Path(args.out) / name, progress_bar=False)
-        self.used_s, self.turn_start, self.turn_end = 0.0, 0.0, time.perf_counter()
-        self.trainer._clock = self.clock  # the schedule and the budget follow this run's own time
+        self.timer = TurnTimer()
+        self.trainer = Trainer(tables, Path(args.out) / name, progress_bar=False, timer=self.timer)
 
-    def clock(self) -> float:
-        return self.used_s + time.perf_counter() - self.turn_start
+    @property
+    def used_s(self) -> float:
+        return self.timer.used_s
 
     def turn(self) -> None:
         """One optimizer step, and the in-training evaluation when one is due (timed as `fit` does)."""
         trainer, config = self.trainer, self.trainer.config
-        self.turn_start = time.perf_counter()
-        trainer._window_start += self.turn_start - self.turn_end  # its tokens/s leaves out the others' turns
+        self.timer.start()
         trainer.step()
         if trainer.finished or (config.eval_every and trainer.state.step % config.eval_every == 0):
             trainer.evaluate_and_sample()
-        self.used_s = self.clock()
-        self.turn_end = time.perf_counter()
+        self.timer.stop()
         if trainer.finished:
             trainer.save()
             trainer.close()

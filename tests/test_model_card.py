@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from gtransformer.cli import main
 from gtransformer.data.corpus import PreparedCorpus

@@ -54,6 +54,26 @@ def test_trainer_verbs_used_one_by_one(corpus, tmp_path, tiny_tables):
     assert final["step"] == 6 and "val_loss" in final
 
 
+def test_the_budget_schedule_and_tokens_per_s_read_the_trainers_timer(corpus, tmp_path, tiny_tables):
+    """`Trainer(timer=...)` is the one clock: a fake one that moves 5 s a step ends a 1-minute run in 12 steps."""
+    trainer = None
+
+    def timer() -> float:  # each step takes 5 s, whatever the host does
+        return 5.0 * (trainer.state.step if trainer else 0)
+
+    tables = tiny_tables(corpus, max_minutes=1.0, schedule="wsd", warmup_steps=1, decay_fraction=0.5)
+    trainer = Trainer(tables, tmp_path / "run", progress_bar=False, timer=timer)
+    rows = []
+    while not trainer.finished:
+        rows.append(trainer.step())
+    trainer.close()
+    assert trainer.state.step == 12 and trainer.elapsed == 60.0
+    assert [row["elapsed_s"] for row in rows] == [5.0 * k for k in range(1, 13)]
+    lrs = [row["lr"] for row in rows]
+    assert lrs[:6] == [lrs[1]] * 6 and lrs[6] > lrs[-1]  # stable for half of the minute, then decaying
+    assert all(row["tokens_per_s"] == pytest.approx(8 * 32 / 5.0) for row in rows[1:])
+
+
 def test_a_single_process_run_with_fsdp_set_still_writes_samples(corpus, tmp_path, tiny_tables):
     """train.fsdp only shards under torchrun; alone, the run is a plain one and samples as usual."""
     tables = tiny_tables(corpus, max_steps=2, fsdp=True, sample_prompts=["Era uma vez", "O amor"], sample_tokens=4)

@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -124,8 +124,9 @@ class StopSignals:
 
 class Trainer:
     def __init__(self, tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool = False,
-                 device: str = "auto", progress_bar: bool = True):
+                 device: str = "auto", progress_bar: bool = True, timer: Callable[[], float] = time.perf_counter):
         self.tables = tables
+        self.timer = timer  # seconds; everything timed (budget, LR schedule, tokens/s) reads it
         self.run = RunDir(out_dir)
         self.corpus = PreparedCorpus(tables["data"]["path"]).require("train", "val")
         self.model_config = from_dict(ModelConfig, dict(tables["model"]), "model")
@@ -208,9 +209,9 @@ class Trainer:
         self.bar = None
         if self.dist.is_main and progress_bar:
             self.bar = tqdm(total=self.max_steps or None, unit="step", dynamic_ncols=True, leave=True)
-        self._session_start: float | None = None  # perf_counter at this session's first step
+        self._session_start: float | None = None  # timer() at this session's first step
         self.elapsed = 0.0  # training wall time of the run after the last step, earlier sessions included
-        self._window_start, self._window_tokens = time.perf_counter(), 0  # tokens/s since the last log row
+        self._window_start, self._window_tokens = self.timer(), 0  # tokens/s since the last log row
         self.signals = StopSignals()  # installed by fit()
         self.stop_requested: str | None = None  # the signal every rank agreed to stop on, after a step
 
@@ -224,7 +225,7 @@ class Trainer:
         """Training wall time of the whole run now, earlier sessions included (read once per step)."""
         if self._session_start is None:
             return self.state.elapsed_s
-        return self.state.elapsed_s + time.perf_counter() - self._session_start
+        return self.state.elapsed_s + self.timer() - self._session_start
 
     def progress(self) -> float:
         """The larger of the step fraction and the time fraction of the run done (drives the LR schedule)."""
@@ -268,7 +269,7 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns the train row on log steps."""
         config, device, optimizer = self.config, self.device, self.parallel.optimizer
         if self._session_start is None:
-            self._session_start = time.perf_counter()
+            self._session_start = self.timer()
         multiplier = lr_multiplier(config, self.state.step, self.progress())
         lr = config.lr * multiplier
         for group, peak in zip(optimizer.param_groups, self.peak_lrs):
@@ -358,7 +359,7 @@ class Trainer:
                 stats: list[dict[str, Any]] | None, skipped: bool = False) -> dict[str, Any]:
         """Write (rank 0) and return the train row of this step."""
         loss_value = float(self.dist.all_reduce_mean(loss))
-        now = time.perf_counter()
+        now = self.timer()
         tokens_per_s = self._window_tokens / max(now - self._window_start, 1e-9)
         self._window_start, self._window_tokens = now, 0
         position = self.loader.position
@@ -465,7 +466,7 @@ class Trainer:
                      "precision %s, device %s", self.model.num_params() / 1e6, self.model.num_active_params() / 1e6,
                      self.dist.world_size, self.parallel.name, self.loader.grad_accum_steps, self.precision,
                      self.device)
-        self._window_start, self._window_tokens = time.perf_counter(), 0
+        self._window_start, self._window_tokens = self.timer(), 0
         last_row: dict[str, Any] = {}
         session_over = stop_at_step is not None and self.state.step >= stop_at_step
         if self.finished and self.dist.is_main:
@@ -482,14 +483,14 @@ class Trainer:
                                              and not done)
                 save = epoch_ended or (config.checkpoint_every and self.state.step % config.checkpoint_every == 0) or done
                 if evaluate or save:
-                    paused = time.perf_counter()
+                    paused = self.timer()
                     if evaluate:
                         row = self.evaluate_and_sample()
                         if self.finished:
                             last_row = {**last_row, **row}
                     if save:
                         self.save(epoch_end=epoch_ended)
-                    self._window_start += time.perf_counter() - paused  # tokens/s counts training time only
+                    self._window_start += self.timer() - paused  # tokens/s counts training time only
         if self.stop_requested and not self.finished and self.dist.is_main:
             log.warning("stopped by %s at step %d with checkpoint %s; continue with `gtransformer train --out %s "
                         "--resume`", self.stop_requested, self.state.step, self.run.checkpoint(self.state.step).path,
