@@ -11,7 +11,7 @@ from gtransformer.training.checkpoint import save_checkpoint
 from gtransformer.errors import UserError
 from gtransformer.inference.generate import generate
 from gtransformer.inference.sampling import SamplingConfig
-from gtransformer.interop.hf import HUB_METADATA, export_hf, import_hf
+from gtransformer.interop.hf import export_hf, hub_metadata, import_hf
 from gtransformer.data.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -70,7 +70,7 @@ def test_a_model_card_becomes_the_readme_behind_the_hub_header(exported, tokeniz
     assert not (folder / "README.md").exists()  # no card given, no README
     model = make_model(tokenizer.vocab_size, rope_theta=5000.0)
     carded = export_hf(model, tokenizer, tmp_path / "carded", model_card="# card\n")
-    assert (carded / "README.md").read_text(encoding="utf-8") == HUB_METADATA + "\n# card\n"
+    assert (carded / "README.md").read_text(encoding="utf-8") == hub_metadata(model.config) + "\n# card\n"
 
 
 def test_import_of_export_gives_identical_weights(exported, tokenizer):
@@ -107,7 +107,9 @@ def test_tied_embeddings_round_trip(tokenizer, tmp_path, make_model):
 
 def test_a_dense_model_exports_as_a_one_expert_mixtral_with_the_same_logits(tokenizer, tmp_path, make_model):
     model = make_model(tokenizer.vocab_size, rope_theta=5000.0, n_experts=0, dense_hidden=40)
-    folder = export_hf(model, tokenizer, tmp_path / "dense")
+    folder = export_hf(model, tokenizer, tmp_path / "dense", model_card="# dense\n")
+    assert "- moe\n" not in (folder / "README.md").read_text(encoding="utf-8")  # tagged as what it is
+    assert "- moe\n- gqa\n" in hub_metadata(make_model(tokenizer.vocab_size).config)
     config = json.loads((folder / "config.json").read_text())
     assert (config["num_local_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (1, 1, 40)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()

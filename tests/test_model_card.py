@@ -17,7 +17,7 @@ from gtransformer.cli import main
 from gtransformer.data.corpus import PreparedCorpus
 from gtransformer.data.download import download
 from gtransformer.data.prepare import prepare
-from gtransformer.interop.hf import HUB_METADATA
+from gtransformer.interop.hf import hub_metadata
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
 from gtransformer.training.checkpoint import load_for_inference
@@ -156,7 +156,8 @@ def test_export_writes_the_card_as_the_hub_readme(trained, tmp_path, capsys):
     hf = tmp_path / "hf"
     assert main(["export", str(run.path), "--out", str(hf)]) == 0
     readme = (hf / "README.md").read_text(encoding="utf-8")
-    assert readme == HUB_METADATA + "\n" + write_model_card(run).read_text(encoding="utf-8")
+    metadata = hub_metadata(ModelConfig(**run.read_config()["model"]))
+    assert readme == metadata + "\n" + write_model_card(run).read_text(encoding="utf-8")
     header = front_matter(readme)
     assert header == {"language": ["pt"], "license": "mit", "library_name": "transformers",
                       "pipeline_tag": "text-generation", "tags": ["gtransformer", "mixtral", "moe", "gqa", "portuguese"]}
@@ -185,7 +186,7 @@ def test_export_writes_the_card_as_the_hub_readme(trained, tmp_path, capsys):
     shutil.copyfile(run.tokenizer_path, bare / "tokenizer.json")
     assert main(["export", str(bare), "--out", str(tmp_path / "hf3")]) == 0
     copied = (tmp_path / "hf3" / "README.md").read_text(encoding="utf-8")
-    assert copied.startswith(HUB_METADATA + "\n# bare\n")
+    assert copied.startswith(metadata + "\n# bare\n")
     assert row_of(copied, "steps") == "4" and row_of(copied, "tokens seen") == f"{4 * 8 * 32:,}"
     assert row_of(copied, "hardware").startswith("CPU (") and row_of(copied, "final train loss") == "not recorded"
 

@@ -13,7 +13,7 @@ SwiGLU as that expert: the same function, and the same loaders. Import reads it
 back as that one-expert MoE.
 
 Given a model card (training/model_card.py), export writes it as the folder's
-README.md behind the Hub's YAML metadata header (`HUB_METADATA`), so the folder
+README.md behind the Hub's YAML metadata header (`hub_metadata`), so the folder
 uploads to the Hugging Face Hub as it is.
 """
 
@@ -34,24 +34,20 @@ from gtransformer.model.model import GPT
 from gtransformer.model.primitives import rope_tables
 
 
-# The Hub's model-card metadata. The weights are MIT like the code; the card's License section says the
-# training texts are public domain. `datasets` is left out: the corpus is a selection of Project Gutenberg
-# books prepared by gtransformer, not a Hub dataset, and the card lists the books instead.
-HUB_METADATA = """---
-language:
-- pt
-license: mit
-library_name: transformers
-pipeline_tag: text-generation
-tags:
-- gtransformer
-- mixtral
-- moe
-- gqa
-- portuguese
-# datasets: none on the Hub; the training books (Project Gutenberg, public domain) are listed in the card
----
-"""
+def hub_metadata(config: ModelConfig) -> str:
+    """The Hub's model-card metadata (YAML front matter) for a model of this config.
+
+    The weights are MIT like the code; the card's License section says the training texts are public domain.
+    `datasets` is left out: the corpus is a selection of Project Gutenberg books prepared by gtransformer, not a
+    Hub dataset, and the card lists the books instead. The tags say what the model is: "moe" only with experts
+    (a dense model is exported as a one-expert Mixtral), "gqa" only with fewer K/V heads than query heads.
+    """
+    tags = ["gtransformer", "mixtral", *(["moe"] if config.n_experts else []),
+            *(["gqa"] if config.n_kv_heads < config.n_heads else []), "portuguese"]
+    return ("---\nlanguage:\n- pt\nlicense: mit\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+            "tags:\n" + "".join(f"- {tag}\n" for tag in tags)
+            + "# datasets: none on the Hub; the training books (Project Gutenberg, public domain) are listed in the "
+            "card\n---\n")
 
 
 def mixtral_incompatibilities(config: ModelConfig) -> list[str]:
@@ -175,7 +171,7 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.
               model_card: str | None = None) -> Path:
     """Write a folder that AutoModelForCausalLM / AutoTokenizer.from_pretrained load offline.
 
-    With `model_card` (Markdown), README.md is `HUB_METADATA` followed by the card.
+    With `model_card` (Markdown), README.md is `hub_metadata` followed by the card.
 
     Written to a temporary sibling folder and renamed at the end, so a failed
     export never leaves half a folder; an existing non-empty folder is only
@@ -196,7 +192,7 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.
         if tokenizer is not None:
             write_tokenizer(tokenizer, tmp, model.config.context_length)
         if model_card is not None:
-            (tmp / "README.md").write_text(HUB_METADATA + "\n" + model_card, encoding="utf-8")
+            (tmp / "README.md").write_text(hub_metadata(model.config) + "\n" + model_card, encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         tmp.rename(out_dir)
