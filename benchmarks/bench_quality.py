@@ -19,7 +19,9 @@ only its own time; the whole-val evaluation is the same `gtransformer eval`.
 
 A configuration is `NAME=PRESET [section.key=value ...]`. `model.n_experts=0` gives the dense
 model whose SwiGLU width is top_k * expert_hidden, so its active FLOPs per token match the
-MoE's (`ModelConfig.dense_hidden`).
+MoE's (`ModelConfig.dense_hidden`). A configuration trains on `--data` unless it sets its own
+`data.path` (another vocabulary: `data.path=data/full4k model.vocab_size=4096`); bits per byte
+compare across tokenizers.
 """
 
 from __future__ import annotations
@@ -60,10 +62,18 @@ def gtransformer(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gtransformer", *args], capture_output=True, text=True)
 
 
+def run_tables(preset: str, overrides: list[str], args) -> dict:
+    """The preset with `--data` as its corpus, then the configuration's overrides (which may name another)."""
+    tables = load_toml(preset)
+    tables.setdefault("data", {})["path"] = args.data
+    return apply_overrides(tables, overrides)
+
+
 def train_and_eval(name: str, preset: str, overrides: list[str], args) -> dict:
     run = Path(args.out) / name
-    command = ["train", "--config", preset, "--data", args.data, "--out", str(run), "--max-minutes", str(args.minutes),
-               "--no-progress", *[a for o in overrides for a in ("--set", o)]]
+    data = run_tables(preset, overrides, args)["data"]["path"]
+    command = ["train", "--config", preset, "--data", data, "--out", str(run), "--max-minutes", str(args.minutes),
+               "--no-progress", *[a for o in overrides if not o.startswith("data.path=") for a in ("--set", o)]]
     if args.threads:
         command += ["--threads", str(args.threads)]
     started = time.monotonic()
@@ -96,8 +106,7 @@ class TimeShare:
 
     def __init__(self, name: str, preset: str, overrides: list[str], args):
         self.name, self.preset, self.overrides = name, preset, overrides
-        tables = apply_overrides(load_toml(preset), overrides)
-        tables.setdefault("data", {})["path"] = args.data
+        tables = run_tables(preset, overrides, args)
         tables["train"]["max_minutes"] = args.minutes
         self.timer = TurnTimer()
         self.trainer = Trainer(tables, Path(args.out) / name, progress_bar=False, timer=self.timer)
@@ -168,7 +177,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="prepared corpus folder shared by every configuration")
+    p.add_argument("--data", required=True, help="prepared corpus folder of every configuration that sets no data.path")
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of each configuration (default 5)")
     p.add_argument("--config", action="append", required=True, metavar="NAME=PRESET [k=v ...]",
                    help="a configuration to train (repeatable; trained in the order given)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gtransformer.config import load_toml
 from gtransformer.errors import UserError
 from gtransformer.interop import hf as hf_export
 
@@ -137,16 +139,21 @@ def test_bench_quality_trains_each_configuration_for_the_budget(tmp_path, capsys
     from gtransformer.config import to_toml
 
     corpus = make_corpus(tmp_path / "data")
+    other = make_corpus(tmp_path / "data-320", vocab_size=320)  # another vocabulary: a configuration's own corpus
     config = tmp_path / "toy.toml"
     config.write_text(to_toml(tiny_tables(corpus, eval_every=3, checkpoint_every=0)))
     out = tmp_path / "quality.json"
     assert bench_quality.main(["--data", str(corpus), "--minutes", "0.04", "--threads", "1", "--out",
                                str(tmp_path / "runs"), "--json", str(out),
-                               "--config", f"moe={config}", "--config", f"dense={config} model.n_experts=0"]) == 0
+                               "--config", f"moe={config}", "--config", f"dense={config} model.n_experts=0",
+                               "--config", f"v320={config} data.path={other} model.vocab_size=320"]) == 0
     rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"moe", "dense"} and rows["moe"]["vs_first"] == 0
+    assert set(rows) == {"moe", "dense", "v320"} and rows["moe"]["vs_first"] == 0
     assert all(r["steps"] > 0 and 0 < r["val_bpb"] < 20 and r["curve"] for r in rows.values())
     assert "n_experts = 0" in (tmp_path / "runs" / "dense" / "config.toml").read_text()
+    trained = {name: load_toml(tmp_path / "runs" / name / "config.toml") for name in rows}
+    assert Path(trained["moe"]["data"]["path"]) == corpus.resolve()
+    assert Path(trained["v320"]["data"]["path"]) == other.resolve() and trained["v320"]["model"]["vocab_size"] == 320
     assert (tmp_path / "runs" / "quality.png").is_file() and "val bpb" in capsys.readouterr().out
 
 
@@ -172,6 +179,8 @@ def test_bench_quality_interleaved_gives_each_configuration_the_same_training_ti
         assert minutes * 60 <= row["elapsed_s"] < minutes * 60 + 2
     # time-shared: the wall clock covered both budgets
     assert rows["moe"]["wall_s"] >= 2 * minutes * 60
+    assert bench_quality.run_tables(str(config), [f"data.path={tmp_path}"], argparse.Namespace(data=str(corpus)))[
+        "data"]["path"] == str(tmp_path)  # a configuration's own corpus wins over --data, as in the other mode
     lrs = [r["lr"] for r in read_jsonl(tmp_path / "runs" / "moe" / "metrics.jsonl") if r["kind"] == "train"]
     assert lrs[-1] < max(lrs)  # the schedule decayed over its own time
 
