@@ -191,7 +191,8 @@ CASES = [
     (TRAIN + ["--set", "model.top_k=9"], "top_k = 9 must be between 1 and n_experts = 4"),
     (TRAIN + ["--set", "model.balance=fair"], "balance = 'fair' must be"),
     (TRAIN + ["--set", "model.norm_eps=0"], "norm_eps = 0.0 must be positive"),
-    (TRAIN + ["--set", "model.vocab_size=100"], "add --set model.vocab_size=384"),
+    (TRAIN + ["--set", "model.vocab_size=100"],
+     "add --set model.vocab_size=384 or prepare the corpus with --vocab-size 100"),
     # --- train: flags, data, run folder ---
     (TRAIN + ["--max-steps", "-1"], "--max-steps -1 must be >= 0"),
     (TRAIN + ["--max-minutes", "-1"], "--max-minutes -1.0 must be >= 0"),

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -150,15 +151,19 @@ def test_presets_load_and_base_matches_the_issue_sizes():
 
 def test_presets_by_budget_keep_the_moe_where_it_wins():
     """tiny (the 5-minute demo) shows the MoE; laptop, the CPU preset for 30+ minutes, is the dense model of
-    tiny's shape and active FLOPs that beat it on CPU; the GPU presets (small, base) keep the MoE."""
+    tiny's shape and active FLOPs that beat it on CPU, with a 4096-token vocabulary and a tied head (its
+    measured recipe); the GPU presets (small, base) keep the MoE."""
     presets = {name: ModelConfig.from_dict(load_toml(CONFIGS / f"{name}.toml")["model"])
                for name in ("tiny", "laptop", "small", "base")}
     tiny, laptop = presets["tiny"], presets["laptop"]
     assert laptop.n_experts == 0 and all(presets[name].n_experts > 0 for name in ("tiny", "small", "base"))
     assert laptop.resolved_dense_hidden == tiny.top_k * tiny.expert_hidden
-    with torch.device("meta"):
-        assert GPT(laptop).flops_per_token() == pytest.approx(GPT(tiny).flops_per_token(), rel=0.01)  # + router
-    for key in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads"):
+    assert (laptop.vocab_size, laptop.tie_embeddings) == (4096, True)
+    with torch.device("meta"):  # tiny's vocabulary on laptop's layers: the same active FLOPs (+ tiny's router)
+        same_vocab = GPT(replace(laptop, vocab_size=tiny.vocab_size)).flops_per_token()
+        assert same_vocab == pytest.approx(GPT(tiny).flops_per_token(), rel=0.01)
+        assert GPT(laptop).flops_per_token() < 0.9 * same_vocab  # the smaller head
+    for key in ("context_length", "d_model", "n_layers", "n_heads", "n_kv_heads"):
         assert getattr(laptop, key) == getattr(tiny, key), key
 
 

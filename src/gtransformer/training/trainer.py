@@ -135,7 +135,8 @@ class Trainer:
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
             raise UserError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size = "
-                f"{self.model_config.vocab_size}; add --set model.vocab_size={self.tokenizer.vocab_size}"
+                f"{self.model_config.vocab_size}; add --set model.vocab_size={self.tokenizer.vocab_size} or prepare "
+                f"the corpus with --vocab-size {self.model_config.vocab_size}"
             )
         check_corpus(len(self.corpus.tokens("train")), len(self.corpus.tokens("val")),
                      self.model_config.context_length, config.batch_size)
