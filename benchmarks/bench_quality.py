@@ -71,9 +71,9 @@ def run_tables(preset: str, overrides: list[str], args) -> dict:
 
 def train_and_eval(name: str, preset: str, overrides: list[str], args) -> dict:
     run = Path(args.out) / name
-    data = run_tables(preset, overrides, args)["data"]["path"]
+    data = run_tables(preset, overrides, args)["data"]["path"]  # train's --data would win over a --set data.path
     command = ["train", "--config", preset, "--data", data, "--out", str(run), "--max-minutes", str(args.minutes),
-               "--no-progress", *[a for o in overrides if not o.startswith("data.path=") for a in ("--set", o)]]
+               "--no-progress", *[a for o in overrides for a in ("--set", o)]]
     if args.threads:
         command += ["--threads", str(args.threads)]
     started = time.monotonic()
