@@ -181,13 +181,9 @@ def word_count(text: str) -> int:
     return len(_WORD.findall(text))
 
 
-def keep_paragraph(paragraph: str, min_words: int) -> bool:
-    """Long enough to be running text. Dialogue lines and short complete sentences are kept:
-    Portuguese novels are full of "— Não sei." which a plain word floor would delete."""
-    return _keep(paragraph, word_count(paragraph), min_words)
-
-
 def _keep(paragraph: str, words: int, min_words: int) -> bool:
+    """Long enough to be running text (`words` of it). Dialogue lines and short complete sentences are kept:
+    Portuguese novels are full of "— Não sei." which a plain word floor would delete."""
     if words >= min_words:
         return True
     if words == 0:

@@ -106,9 +106,6 @@ class CheckpointDir:
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.json"  # only in checkpoints copied out of their run
 
-    def is_complete(self) -> bool:
-        return self.meta_path.is_file() and self.model_path.is_file()
-
     def read_meta(self) -> dict[str, Any]:
         """meta.json as a dict; `CorruptCheckpoint` when it is missing or not a JSON object."""
         try:
