@@ -9,8 +9,9 @@ import logging
 import torch
 
 from gtransformer.interop.hf import export_hf
+from gtransformer.training.card_facts import gather
 from gtransformer.training.checkpoint import load_for_inference
-from gtransformer.training.model_card import gather, render
+from gtransformer.training.model_card import render
 from gtransformer.training.run_dir import resolve_checkpoint
 
 log = logging.getLogger(__name__)

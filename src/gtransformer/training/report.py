@@ -20,8 +20,9 @@ from matplotlib.figure import Figure
 from gtransformer.errors import UserError
 from gtransformer.files import write_text_atomic
 from gtransformer.runtime import pick_device
+from gtransformer.training.card_facts import corpus_of
 from gtransformer.training.evaluate import evaluate_checkpoint
-from gtransformer.training.model_card import corpus_of, write_model_card
+from gtransformer.training.model_card import write_model_card
 from gtransformer.training.run_dir import RunDir
 
 log = logging.getLogger(__name__)
