@@ -7,7 +7,8 @@ import pytest
 
 from conftest import REAL_MIRROR
 from gtransformer.cli import main
-from gtransformer.data.download import CATALOG_PATH, candidate_paths
+from gtransformer.data.catalog import CATALOG_PATH
+from gtransformer.data.fetch import candidate_paths
 from gtransformer.data.shards import read_shard
 from gtransformer.data.tokenizer import Tokenizer
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 import gtransformer
-from gtransformer.data import download as dl
 from gtransformer.data.corpus import SPLITS, PreparedCorpus
+from gtransformer.data.download import download
+from gtransformer.data.fetch import candidate_paths
+from gtransformer.data.manifest import read_manifest, saved_books
 from gtransformer.data.prepare import prepare
 from gtransformer.training.trainer import Trainer
 
@@ -83,7 +85,7 @@ def kill_points(operations: list[str]) -> list[int]:
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory, small_mirror_factory):
     root = tmp_path_factory.mktemp("crash")
-    dl.download(str(small_mirror_factory(root / "mirror")), root / "raw", progress=False)
+    download(str(small_mirror_factory(root / "mirror")), root / "raw", progress=False)
     return root / "raw"
 
 
@@ -145,7 +147,7 @@ def test_prepare_killed_at_random_moments_then_a_training_step(raw, old_corpus, 
 def expected_books(mirror: Path) -> dict[str, bytes]:
     books = {}
     for book_id in (101, 102, 103, 104, 105, 106, 107):
-        path = next(mirror / p for p in dl.candidate_paths(book_id) if (mirror / p).is_file())
+        path = next(mirror / p for p in candidate_paths(book_id) if (mirror / p).is_file())
         books[f"{book_id}.txt"] = path.read_bytes()
     return books
 
@@ -153,23 +155,23 @@ def expected_books(mirror: Path) -> dict[str, bytes]:
 def check_raw_folder(out: Path, books: dict[str, bytes], damaged: bytes | None = None) -> None:
     """Books are whole (or the one damaged on purpose, untouched) and the manifest is readable."""
     if (out / "manifest.json").is_file():
-        dl.read_manifest(out / "manifest.json")
+        read_manifest(out / "manifest.json")
     for path in out.glob("*.txt"):
         assert path.read_bytes() in (books[path.name], damaged), path
 
 
 def finish_and_check(mirror: Path, out: Path, books: dict[str, bytes]) -> None:
-    summary = dl.download(str(mirror), out, progress=False)
+    summary = download(str(mirror), out, progress=False)
     assert summary.ok + summary.skipped == 7 and summary.missing == [108] and summary.failed == []
     assert {path.name: path.read_bytes() for path in out.glob("*.txt")} == books
-    assert [book_id for book_id, _, _ in dl.saved_books(out)] == [101, 102, 103, 104, 105, 106, 107]
+    assert [book_id for book_id, _, _ in saved_books(out)] == [101, 102, 103, 104, 105, 106, 107]
     assert not list(out.glob(".*"))
 
 
 def test_download_killed_before_each_rename_or_delete(small_mirror, tmp_path):
     books = expected_books(small_mirror)
     before = tmp_path / "before"  # a finished download, then one book damaged and one deleted
-    dl.download(str(small_mirror), before, progress=False)
+    download(str(small_mirror), before, progress=False)
     damaged = books["101.txt"][:100]
     (before / "101.txt").write_bytes(damaged)
     (before / "103.txt").unlink()

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from gtransformer.cli import main
-from gtransformer.data import download as dl
+from gtransformer.data.catalog import CATALOG_PATH, parse_catalog
+from gtransformer.data.download import download
+from gtransformer.data.fetch import retry_after
+from gtransformer.data.manifest import saved_books
 from gtransformer.errors import UserError
 
 BOOK = "/cache/epub/101/pg101.txt"
@@ -84,7 +87,7 @@ def book_bytes(mirror: Path) -> bytes:
 def test_each_failure_is_retried_then_the_book_is_saved(small_mirror, tmp_path, serve_folder, action):
     handler, seen = hostile({BOOK: [action]})
     out = tmp_path / "raw"
-    summary = dl.download(serve_folder(small_mirror, handler), out, ids=[101], **FAST)
+    summary = download(serve_folder(small_mirror, handler), out, ids=[101], **FAST)
     assert summary.ok == 1 and summary.failed == []
     assert [a for path, a, _ in seen if path == BOOK] == [action, "ok"]
     assert (out / "101.txt").read_bytes() == book_bytes(small_mirror)
@@ -99,7 +102,7 @@ def test_a_book_that_never_arrives_whole_is_recorded_as_failed(small_mirror, tmp
     handler, seen = hostile({BOOK: [action] * 10})
     out = tmp_path / "raw"
     started = time.monotonic()
-    summary = dl.download(serve_folder(small_mirror, handler), out, ids=[101], **FAST)
+    summary = download(serve_folder(small_mirror, handler), out, ids=[101], **FAST)
     assert time.monotonic() - started < 10
     assert summary.failed == [101] and summary.ok == 0
     assert [a for path, a, _ in seen if path == BOOK] == [action] * 3  # 1 try + 2 retries, then the other layouts
@@ -107,31 +110,31 @@ def test_a_book_that_never_arrives_whole_is_recorded_as_failed(small_mirror, tmp
     assert record["status"] == "error"
     assert any(word in record["error"] for word in recorded.split("|")) and "3 attempts" in record["error"]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # no partial book under any name
-    assert dl.saved_books(out) == []
+    assert saved_books(out) == []
 
 
 def test_retry_after_is_honoured_and_capped(small_mirror, tmp_path, serve_folder):
     handler, seen = hostile({BOOK: ["429:0.6"]})
-    dl.download(serve_folder(small_mirror, handler), tmp_path / "a", ids=[101], **{**FAST, "max_wait": 5.0})
+    download(serve_folder(small_mirror, handler), tmp_path / "a", ids=[101], **{**FAST, "max_wait": 5.0})
     (_, _, first), (_, _, second) = [s for s in seen if s[0] == BOOK]
     assert second - first >= 0.55  # not the 0.01 s backoff
 
     handler, seen = hostile({BOOK: ["429:3600"]})
-    summary = dl.download(serve_folder(small_mirror, handler), tmp_path / "b", ids=[101], **{**FAST, "max_wait": 0.2})
+    summary = download(serve_folder(small_mirror, handler), tmp_path / "b", ids=[101], **{**FAST, "max_wait": 0.2})
     (_, _, first), (_, _, second) = [s for s in seen if s[0] == BOOK]
     assert summary.ok == 1 and 0.15 <= second - first < 2
 
 
 def test_retry_after_values():
-    assert dl.retry_after("120") == 120 and dl.retry_after("0") == 0 and dl.retry_after("-5") == 0
-    assert 50 < dl.retry_after(formatdate(time.time() + 60, usegmt=True)) <= 61
-    assert dl.retry_after("soon") is None and dl.retry_after(None) is None and dl.retry_after("nan") is None
+    assert retry_after("120") == 120 and retry_after("0") == 0 and retry_after("-5") == 0
+    assert 50 < retry_after(formatdate(time.time() + 60, usegmt=True)) <= 61
+    assert retry_after("soon") is None and retry_after(None) is None and retry_after("nan") is None
 
 
 def test_a_trickling_body_ends_at_the_whole_response_deadline(small_mirror, tmp_path, serve_folder):
     handler, seen = hostile({BOOK: ["trickle"]})
     started = time.monotonic()
-    summary = dl.download(serve_folder(small_mirror, handler), tmp_path / "raw", ids=[101],
+    summary = download(serve_folder(small_mirror, handler), tmp_path / "raw", ids=[101],
                           **{**FAST, "timeout": 0.1, "retries": 1})
     # 20 x 0.1 s for the whole body, then the retry.
     assert summary.ok == 1 and 2 <= time.monotonic() - started < 8
@@ -139,30 +142,30 @@ def test_a_trickling_body_ends_at_the_whole_response_deadline(small_mirror, tmp_
 
 
 def test_an_html_catalog_is_one_clear_line(small_mirror, tmp_path, serve_folder):
-    handler, _ = hostile({"/" + dl.CATALOG_PATH: ["html"] * 10})
+    handler, _ = hostile({"/" + CATALOG_PATH: ["html"] * 10})
     with pytest.raises(UserError, match="cannot read the catalog .*HTML page.*check --mirror"):
-        dl.download(serve_folder(small_mirror, handler), tmp_path / "raw", **FAST)
+        download(serve_folder(small_mirror, handler), tmp_path / "raw", **FAST)
 
 
 # --- catalogs, options and manifests a user can get wrong ----------------------------------------------
 
 
 def test_a_catalog_that_is_not_utf8_csv(small_mirror, tmp_path, capsys):
-    catalog = small_mirror / dl.CATALOG_PATH
+    catalog = small_mirror / CATALOG_PATH
     catalog.write_bytes(catalog.read_text(encoding="utf-8").replace("Livro Um", "Livro Açúcar").encode("latin-1"))
     assert main(["download", "--mirror", str(small_mirror), "--out", str(tmp_path / "raw"), "--no-progress"]) == 2
     error = capsys.readouterr().err
     assert "is not UTF-8 text" in error and "--mirror" in error and error.count("\n") == 1
     catalog.write_text('Text#,Type,Issued,Title,Language,Authors\n1,Text,,"' + "x" * 200_000 + "\n", encoding="utf-8")
     with pytest.raises(UserError, match="not valid CSV"):
-        dl.download(str(small_mirror), tmp_path / "raw", progress=False)
+        download(str(small_mirror), tmp_path / "raw", progress=False)
 
 
 def test_catalog_ids_that_are_not_positive_integers_are_skipped():
     text = "Text#,Type,Issued,Title,Language,Authors\n" + "".join(
         f'{book_id},Text,,"T",pt,"A"\n' for book_id in ("../x", "-5", "0", "\u0663", "7 ", "", "12")
     )
-    assert [e.id for e in dl.parse_catalog(text)] == [7, 12]
+    assert [e.id for e in parse_catalog(text)] == [7, 12]
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -193,6 +196,6 @@ def test_leftovers_of_a_killed_download_are_removed(small_mirror, tmp_path):
     out.mkdir()
     for name in (".101.txt.4242.tmp", ".manifest.json.4242.tmp", ".notes.txt.1.tmp", "notes.txt"):
         (out / name).write_bytes(b"half")
-    summary = dl.download(str(small_mirror), out, ids=[101], progress=False)
+    summary = download(str(small_mirror), out, ids=[101], progress=False)
     assert summary.ok == 1
     assert sorted(p.name for p in out.iterdir()) == [".notes.txt.1.tmp", "101.txt", "manifest.json", "notes.txt"]

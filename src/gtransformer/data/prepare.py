@@ -29,7 +29,7 @@ except ImportError:
 
 from gtransformer.data.clean import clean_book, word_count
 from gtransformer.data.corpus import SPLITS, PreparedCorpus
-from gtransformer.data.download import saved_books
+from gtransformer.data.manifest import saved_books
 from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.errors import UserError
 
