@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -25,26 +24,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from gtransformer.testing import start_serve  # noqa: E402
+
 PROMPTS = ["Era uma vez", "O amor é", "Naquella manhã, a cidade", "Portugal e o Brasil", "A casa de meu pae"]
-
-
-def start_server(run: str, max_batch: int, threads: int | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gtransformer", "serve", run, "--port", "0", "--max-batch", str(max_batch),
-         "--max-queue", "256", "--device", "cpu", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env)
-    deadline = time.monotonic() + 600  # --compile compiles every padded batch size first
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if "listening on" in line:
-            return process, line.split("listening on ")[1].split()[0]
-        if process.poll() is not None:
-            raise SystemExit(f"serve exited: {process.stderr.read()[-2000:]}")
-    process.kill()
-    raise SystemExit("serve did not start within 600 s")
 
 
 def rss_mb(pid: int) -> float:
@@ -114,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
     extra = (["--compile"] if args.compile else []) + (["--decode-dtype", args.decode_dtype] if args.decode_dtype else [])
-    process, url = start_server(args.run, args.max_batch, args.threads, extra)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    try:  # a long wait: --compile compiles every padded batch size first
+        process, url = start_serve(args.run, "--max-batch", str(args.max_batch), "--max-queue", "256",
+                                   "--device", "cpu", *extra, env=env, timeout=600)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
     try:
         measure(url, 1, min(3.0, args.seconds), args.max_tokens)  # warm-up: first allocations, caches
         memory_start = rss_mb(process.pid)

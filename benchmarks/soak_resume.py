@@ -41,38 +41,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from gtransformer.config import to_toml  # noqa: E402
-from gtransformer.data.shards import write_shard  # noqa: E402
-from gtransformer.data.tokenizer import Tokenizer  # noqa: E402
+from gtransformer.data.toy import toy_corpus  # noqa: E402
 from gtransformer.training.checkpoint import WRITE_DELAY_ENV  # noqa: E402
 from gtransformer.training.run_dir import RunDir  # noqa: E402
-
-WORDS = ("a o de que e do da em um para é com não uma os no se na por mais as dos como mas foi ao ele das tem à "
-         "seu sua ou ser quando muito há nos já está eu também só pelo pela até isso ela entre era depois sem mesmo "
-         "casa cidade manhã amor coração olhos mulher homem noite dia tempo vida mundo senhor senhora rua").split()
-
-
-def synthetic_corpus(folder: Path, sentences: int = 300) -> Path:
-    """A prepared-corpus folder (train/val/test.bin, tokenizer.json, stats.json) of Portuguese-like text."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-
-    def text() -> str:
-        return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-                        for _ in range(sentences))
-
-    documents = {"train": [text() for _ in range(4)], "val": [text()], "test": [text()]}
-    tokenizer = Tokenizer.train_bpe(documents["train"], vocab_size=384)
-    tokenizer.save(folder / "tokenizer.json")
-    stats = {"splits": {}}
-    for split, docs in documents.items():
-        tokens: list[int] = []
-        for doc in docs:
-            tokens += tokenizer.encode(doc) + [tokenizer.eot_id]
-        write_shard(folder / f"{split}.bin", tokens, vocab_size=tokenizer.vocab_size)
-        stats["splits"][split] = {"books": len(docs), "bytes": sum(len(d.encode()) for d in docs), "tokens": len(tokens)}
-    (folder / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
-    return folder
-
 
 def tables(data: Path, steps: int, seed: int) -> dict:
     return {
@@ -151,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="soak-resume-"))
     work.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data).resolve() if args.data else synthetic_corpus(work / "corpus")
+    data = Path(args.data).resolve() if args.data else toy_corpus(work / "corpus", sentences=300)
     config = work / "soak.toml"
     config.write_text(to_toml(tables(data, args.steps, args.seed)), encoding="utf-8")
     trainer = Trainer(config, args.write_delay)

@@ -5,27 +5,24 @@ from __future__ import annotations
 
 import functools
 import http.server
-import json
 import os
-import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from gtransformer.data.shards import write_shard
 from gtransformer.data.tokenizer import Tokenizer
+from gtransformer.data.toy import toy_corpus
 from gtransformer.inference import generate as generate_module
 from gtransformer.inference.generate import DecodeOptions, generate
 from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
+from gtransformer.testing import start_serve
 from gtransformer.training.checkpoint import save_checkpoint
 
 REAL_MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "gutenberg-mirror"
@@ -154,40 +151,6 @@ def one_thread():
 
 # --- a small prepared corpus and the tables of a model that trains a step in milliseconds -------------
 
-WORDS = (
-    "a o de que e do da em um para é com não uma os no se na por mais as dos como mas foi ao ele das "
-    "tem à seu sua ou ser quando muito há nos já está eu também só pelo pela até isso ela entre era "
-    "depois sem mesmo aos ter seus quem nas me esse eles estão você tinha foram essa num nem suas meu "
-    "casa cidade manhã amor coração olhos mulher homem noite dia tempo vida mundo senhor senhora rua"
-).split()
-
-
-def portuguese_like_text(seed: int, sentences: int) -> str:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(sentences):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
-        out.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?", ","]))
-    return " ".join(out)
-
-
-def make_corpus(folder: Path, vocab_size: int = 384, sentences: int = 600) -> Path:
-    """A prepared-corpus folder (train/val/test.bin, tokenizer.json, stats.json) in seconds."""
-    folder.mkdir(parents=True, exist_ok=True)
-    documents = {split: [portuguese_like_text(offset + i, sentences) for i in range(n)]
-                 for split, n, offset in (("train", 4, 0), ("val", 1, 100), ("test", 1, 200))}
-    tokenizer = Tokenizer.train_bpe(documents["train"], vocab_size=vocab_size)
-    tokenizer.save(folder / "tokenizer.json")
-    stats = {"splits": {}}
-    for split, docs in documents.items():
-        tokens: list[int] = []
-        for doc in docs:
-            tokens += tokenizer.encode(doc) + [tokenizer.eot_id]
-        write_shard(folder / f"{split}.bin", tokens, vocab_size=tokenizer.vocab_size)
-        stats["splits"][split] = {"books": len(docs), "bytes": sum(len(d.encode()) for d in docs), "tokens": len(tokens)}
-    (folder / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
-    return folder
-
 
 def tiny_tables(data: Path, **train) -> dict:
     """[model]/[train]/[data] tables for a model that trains a step in milliseconds."""
@@ -204,8 +167,8 @@ def tiny_tables(data: Path, **train) -> dict:
 
 @pytest.fixture(scope="session", name="make_corpus")
 def make_corpus_fixture():
-    """make_corpus(folder, vocab_size=384, sentences=600) -> a prepared-corpus folder."""
-    return make_corpus
+    """make_corpus(folder, vocab_size=384, sentences=600) -> a prepared-corpus folder (`data.toy.toy_corpus`)."""
+    return toy_corpus
 
 
 @pytest.fixture(scope="session", name="tiny_tables")
@@ -283,18 +246,10 @@ def make_run_fixture():
 
 
 def start_server(run: Path, *extra: str, env_key: str | None = KEY) -> tuple[subprocess.Popen, str]:
+    """`gtransformer serve RUN --device cpu EXTRA...` on one thread, with GT_TEST_KEY set to `env_key`:
+    (the process, its base URL)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GT_TEST_KEY": env_key or ""}
-    command = [sys.executable, "-m", "gtransformer", "serve", str(run), "--port", "0", "--device", "cpu", *extra]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if "listening on" in line:
-            return process, line.split("listening on ")[1].split()[0]
-        if process.poll() is not None:
-            raise AssertionError(f"serve exited: {process.stderr.read()[-2000:]}")
-    process.kill()
-    raise AssertionError("serve did not say where it listens within 90 s")
+    return start_serve(run, "--device", "cpu", *extra, env=env)
 
 
 def stop_server(process: subprocess.Popen) -> str:

@@ -6,9 +6,10 @@ from functools import lru_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import gutenberg_file, portuguese_like_text
+from conftest import gutenberg_file
 from gtransformer.data.clean import clean_book
 from gtransformer.data.tokenizer import EOT, Tokenizer, _pieces
+from gtransformer.data.toy import portuguese_like_text
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
