@@ -170,12 +170,22 @@ def coerce_fields(instance: Any, section: str) -> None:
             setattr(instance, field.name, coerced)
 
 
+def checks_itself(cls: type) -> bool:
+    """Whether dataclass `cls` checks its own values when built: a config class with a `validate` method, whose
+    `__post_init__` runs `coerce_fields` (types) and then `validate` (ranges), as ModelConfig and TrainConfig do."""
+    return callable(getattr(cls, "validate", None))
+
+
 def from_dict(cls: type, values: Any, section: str) -> Any:
-    """Build dataclass `cls` from a dict, rejecting unknown keys (with the nearest valid one) and wrong types."""
+    """Build dataclass `cls` from a dict, rejecting unknown keys (with the nearest valid one) and wrong types.
+
+    Each value is coerced once: by `cls` itself when it `checks_itself`, else here."""
     if not isinstance(values, dict):
         raise UserError(f"[{section}] must be a table of key = value lines, not {type(values).__name__} {values!r}"[:200])
     fields = {f.name: f for f in dataclasses.fields(cls)}
     check_names(values, fields, "key", f"{section}.")
+    if checks_itself(cls):
+        return cls(**values)
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
     return cls(**kwargs)

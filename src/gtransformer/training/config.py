@@ -1,14 +1,18 @@
 """`TrainConfig`: the `[train]` table (every key settable from the TOML file or `--set train.KEY=VALUE`), and
-`check_tables`: the whole [model] / [train] / [data] config checked in one place before a run starts.
+`check_tables`: the whole [model] / [train] / [data] config checked in one place before a run starts, into a
+`RunConfig` that the `Trainer` takes as it is.
 
 Each field's range is checked when a `TrainConfig` is built (`validate`), so a bad value is one clear line
-before step 0, never a ZeroDivisionError or an optimizer's ValueError steps later.
+before step 0, never a ZeroDivisionError or an optimizer's ValueError steps later. Each check runs once:
+`check_sections` on the tables, then `build_config` builds each section's dataclass, whose `__post_init__`
+checks types (`coerce_fields`) and ranges (`validate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from gtransformer.config import check_names, coerce_fields, from_dict, shown_name
 from gtransformer.errors import UserError
@@ -169,12 +173,27 @@ def check_sections(tables: dict[str, Any]) -> None:
             raise UserError(f"[{name}] must be a table of key = value lines, not the value {table!r}"[:200])
 
 
-def check_tables(tables: dict[str, Any]) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+class RunConfig(NamedTuple):
+    """The checked [model], [train] and [data] tables of a run (unpacks as `model, train, data`)."""
+
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Every field of each table, as the run folder's config.toml records them."""
+        return {name: dataclasses.asdict(section) for name, section in self._asdict().items()}
+
+
+def build_config(tables: dict[str, Any]) -> RunConfig:
+    """The [model], [train] and [data] dataclasses of tables that `check_sections` has passed (each key and value
+    is checked as its dataclass is built); raises one UserError line otherwise."""
+    return RunConfig(*(from_dict(cls, dict(tables.get(name, {})), name) for name, cls in SECTIONS.items()))
+
+
+def check_tables(tables: dict[str, Any]) -> RunConfig:
     """The whole config checked in one place: sections, keys (nearest valid name), types, ranges.
 
     Returns the [model], [train] and [data] tables as dataclasses; raises one UserError line otherwise."""
     check_sections(tables)
-    model = from_dict(ModelConfig, dict(tables.get("model", {})), "model")
-    train = from_dict(TrainConfig, dict(tables.get("train", {})), "train")
-    data = from_dict(DataConfig, dict(tables.get("data", {})), "data")
-    return model, train, data
+    return build_config(tables)
