@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gtransformer.commands.train import resolve_tables
+from gtransformer.commands.train import resolve_config
 from gtransformer.config import (
     SECRET_MASK,
     apply_overrides,
@@ -90,9 +90,9 @@ def test_any_set_arguments_through_the_train_command_give_tables_or_a_user_error
         config.write_text(to_toml(tiny_tables(root / "corpus")), encoding="utf-8")
     args = argparse.Namespace(out=str(root / "run"), resume=False, config=str(config), set=items, max_steps=None,
                               max_minutes=None, data=None, stop_at_step=None, threads=None)
-    tables = only_user_errors(resolve_tables, args)
-    if tables is not None:
-        check_tables(tables)
+    resolved = only_user_errors(resolve_config, args)
+    if resolved is not None:  # checked whole: the tables it resolves to pass the checks again
+        check_tables(resolved.tables())
     assert not (root / "run").exists()
 
 

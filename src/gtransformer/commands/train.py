@@ -1,24 +1,24 @@
-"""`gtransformer train`: resolve the config tables, then run the `Trainer` (single process or torchrun)."""
+"""`gtransformer train`: resolve and check the config once (a `RunConfig`), then run the `Trainer` on it (single
+process or torchrun)."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from gtransformer.config import apply_overrides, load_toml
 from gtransformer.errors import UserError
-from gtransformer.training.config import check_sections, check_tables
+from gtransformer.training.config import RunConfig, build_config, check_sections
 from gtransformer.training.run_dir import RunDir
 from gtransformer.training.trainer import train
 
 
-def resolve_tables(args) -> dict[str, dict[str, Any]]:
+def resolve_config(args) -> RunConfig:
     """[model], [train], [data] from --config (or the run folder on --resume) plus --set and flags, checked
-    whole (`check_tables`: unknown sections and keys, types, ranges) before anything runs or is written."""
+    whole (sections, then each table's keys, types and ranges) before anything runs or is written."""
     for flag, value, low in (("--max-steps", args.max_steps, 0), ("--max-minutes", args.max_minutes, 0),
                              ("--stop-at-step", args.stop_at_step, 0), ("--threads", args.threads, 1)):
         if value is not None and not value >= low:
@@ -51,8 +51,7 @@ def resolve_tables(args) -> dict[str, dict[str, Any]]:
         tables["data"]["path"] = str(Path(args.data).resolve())
     if not tables["data"].get("path"):
         raise UserError("pass --data with a prepared corpus folder (from `gtransformer prepare --out DIR`)")
-    check_tables(tables)
-    return tables
+    return build_config(tables)
 
 
 def register(subparsers) -> None:
@@ -82,10 +81,10 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    tables = resolve_tables(args)
+    config = resolve_config(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    row = train(tables, args.out, resume=args.resume, device=args.device, stop_at_step=args.stop_at_step,
+    row = train(config, args.out, resume=args.resume, device=args.device, stop_at_step=args.stop_at_step,
                 progress_bar=not args.no_progress)
     if row:  # only the main process returns its final row
         summary = {k: row[k] for k in ("step", "tokens", "loss", "val_loss", "val_bits_per_byte") if k in row}

@@ -1,8 +1,9 @@
 """The `Trainer`: wires config, corpus windows, model, parallel strategy, optimizer, checkpoints, evaluation,
 samples and logs. Each component lives in its own file; this one only connects them.
 
-    Trainer(tables, out_dir, resume)   resolve [model]/[train]/[data], join torchrun, write the run folder,
-                                       build model + optimizer (parallel.Parallel) + windows (data.windows)
+    Trainer(config, out_dir, resume)   take the checked RunConfig (or check raw tables once: config.check_tables),
+                                       join torchrun, write the run folder, build model + optimizer
+                                       (parallel.Parallel) + windows (data.windows)
       .restore()                       newest intact checkpoint of the run -> weights, optimizer, scaler, data
                                        position, RNG states, step/tokens/time (bit-identical resume on CPU)
       .step()                          one optimizer step over all micro-batches -> the train row on log steps
@@ -13,10 +14,12 @@ samples and logs. Each component lives in its own file; this one only connects t
                                        or SIGTERM / SIGINT (then: a checkpoint of the current step, exit 0)
       .close()                         close the loggers, wait for the other ranks
 
-Before the first step `Trainer.__init__` runs the preflight (preflight.py: corpus sizes, a writable run folder
-with room for two checkpoints, unchanged parameter shapes on --resume), removes the temporary folders of
-checkpoint writes a killed run left, and picks the newest intact checkpoint (checkpoint.intact_checkpoint:
-damaged newer ones are set aside as step-XXXXXXX.corrupt with a warning).
+Before the first step `Trainer.__init__` runs the preflight (preflight.py: the tokenizer fits the model, corpus
+sizes, a writable run folder with room for two checkpoints, unchanged parameter shapes and optimizer on
+--resume), removes the temporary folders of checkpoint writes a killed run left, and picks the newest intact
+checkpoint (preflight.pick_checkpoint, checkpoint.intact_checkpoint: damaged newer ones are set aside as
+step-XXXXXXX.corrupt with a warning). The run's counters and length live in progress.py, the stop signals in
+signals.py.
 
 A step whose loss or gradient norm is not finite is skipped: no optimizer step (AdamW's own step count and
 moments stay), no router-bias update, gradients dropped. It still counts as a step: its batch is consumed and
@@ -35,23 +38,18 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import signal
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
-from gtransformer.config import from_dict
 from gtransformer.data.corpus import PreparedCorpus
 from gtransformer.data.windows import WindowLoader
 from gtransformer.errors import UserError
 from gtransformer.files import write_bytes_atomic
 from gtransformer.inference import chat
-from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
 from gtransformer.runtime import (
     auto_precision,
@@ -65,110 +63,48 @@ from gtransformer.runtime import (
 )
 from gtransformer.training.checkpoint import (
     TRAIN_STATE_KEYS,
-    intact_checkpoint,
     load_model_state,
     load_train_state,
-    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from gtransformer.training.config import TrainConfig
+from gtransformer.training.config import RunConfig, check_tables
 from gtransformer.training.evaluate import evaluate_split, token_byte_lengths
 from gtransformer.training.metrics import MetricsLogger, summarise_moe_stats
 from gtransformer.training.optim import build_optimizer, lr_multiplier
 from gtransformer.training.parallel import Parallel
-from gtransformer.training.preflight import check_corpus, check_free_space, check_resume_shapes, check_writable
+from gtransformer.training.preflight import check_inputs, pick_checkpoint
+from gtransformer.training.progress import RunLength, RunState
 from gtransformer.training.run_dir import RunDir
 from gtransformer.training.samples import generate_samples
+from gtransformer.training.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunState:
-    step: int = 0
-    tokens_seen: int = 0
-    elapsed_s: float = 0.0  # training wall time before this session (for --max-minutes across resumes)
-    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient norm), whole run
-    bad_streak: int = 0  # of those, how many in a row up to now
-
-
-class StopSignals:
-    """SIGTERM / SIGINT during `fit`: the first asks the loop to stop after the current step, with a checkpoint;
-    a second one interrupts at once (KeyboardInterrupt). Installed only in the main thread, restored after."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        log.warning("%s: finishing this step, then writing a checkpoint (send it again to stop at once)",
-                    self.received)
-
-
 class Trainer:
-    def __init__(self, tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool = False,
+    def __init__(self, config: RunConfig | dict[str, dict[str, Any]], out_dir: str | Path, resume: bool = False,
                  device: str = "auto", progress_bar: bool = True, timer: Callable[[], float] = time.perf_counter):
-        self.tables = tables
+        """`config`: a `RunConfig` is taken as it is (checked when built); raw tables are checked here, once."""
+        checked = config if isinstance(config, RunConfig) else check_tables(config)
+        self.model_config, self.config, self.data_config = checked
         self.timer = timer  # seconds; everything timed (budget, LR schedule, tokens/s) reads it
         self.run = RunDir(out_dir)
-        self.corpus = PreparedCorpus(tables["data"]["path"]).require("train", "val")
-        self.model_config = from_dict(ModelConfig, dict(tables["model"]), "model")
-        self.config = config = from_dict(TrainConfig, dict(tables["train"]), "train")
+        self.corpus = PreparedCorpus(self.data_config.path).require("train", "val")
         self.tokenizer = self.corpus.tokenizer()
-        if self.tokenizer.vocab_size > self.model_config.vocab_size:
-            raise UserError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size = "
-                f"{self.model_config.vocab_size}; add --set model.vocab_size={self.tokenizer.vocab_size} or prepare "
-                f"the corpus with --vocab-size {self.model_config.vocab_size}"
-            )
-        check_corpus(len(self.corpus.tokens("train")), len(self.corpus.tokens("val")),
-                     self.model_config.context_length, config.batch_size)
-        if not resume and self.run.latest_checkpoint() is not None:
-            raise UserError(f"{out_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
-
+        check_inputs(self.run, self.corpus, self.model_config, self.config, resume)
         self.dist, self.device = init_distributed(device)
-        # Rank 0 checks the folder, clears what killed runs left and picks the checkpoint (setting damaged
-        # ones aside); the other ranks then take the newest one left.
-        self.resume_from = None
+        self.resume_from = pick_checkpoint(self.run, self.dist, resume, self.model_config, self.config)
+        self._plan()
         if self.dist.is_main:
-            check_writable(self.run)
-            remove_stale_temporaries(self.run)
-            if resume:
-                self.resume_from = intact_checkpoint(self.run)
-        self.dist.barrier()
-        if resume and not self.dist.is_main:
-            self.resume_from = self.run.latest_checkpoint()
-        if resume and self.resume_from is None and self.dist.is_main:
-            log.warning("--resume: no checkpoint in %s yet, starting from scratch", out_dir)
-        if self.resume_from is not None:
-            saved_config = self.resume_from.read_meta().get("config", {})
-            if saved_config.get("model") is not None:
-                check_resume_shapes(saved_config["model"], self.model_config)
-            saved_optimizer = saved_config.get("train", {}).get("optimizer", "adamw")
-            if saved_optimizer != config.optimizer:
-                raise UserError(f"--resume: {self.resume_from} was trained with train.optimizer = "
-                                f"\"{saved_optimizer}\" and its optimizer state fits only that; resume with "
-                                f"--set train.optimizer=\"{saved_optimizer}\"")
-        if self.dist.is_main:
-            check_free_space(self.run, self.model_config)
+            self._write_run_folder()
+        self._build_model()
+        self._start_logs(progress_bar)
 
+    def _plan(self) -> None:
+        """Precision, this rank's windows, the run's length (steps and / or minutes) and whether to compile."""
+        config = self.config
         self.precision = resolve_precision(config.precision, self.device)
         if config.precision == "auto" and self.dist.is_main:
             log.info("precision auto -> %s: %s", self.precision, auto_precision(self.device)[1])
@@ -177,39 +113,43 @@ class Trainer:
             config.micro_batch_size or max(config.batch_size // self.dist.world_size, 1), config.seed,
             rank=self.dist.rank, world_size=self.dist.world_size,
         )
-        self.max_steps = config.max_steps
-        self.budget_s = config.max_minutes * 60.0
-        if not self.max_steps and not self.budget_s:
-            self.max_steps = config.epochs * self.loader.batches_per_epoch
+        self.length = RunLength.of(config, self.loader.batches_per_epoch)
         self.compile, why = resolve_compile(config.compile, self.device, self.precision,
-                                            self.model_config.n_experts > 0, config.max_minutes, self.max_steps)
+                                            self.model_config.n_experts > 0, config.max_minutes, self.length.max_steps)
         if why and self.dist.is_main:
             log.info("compile auto -> %s: %s", "on" if self.compile else "off", why)
-        if self.dist.is_main:
-            self.run.write_config(self.resolved_tables())
-            write_bytes_atomic(self.run.tokenizer_path, self.corpus.tokenizer_path.read_bytes())
-            if not self.run.chat_template_path.is_file():  # a resumed run keeps the template it was given
-                chat.DEFAULT.save(self.run.chat_template_path)
-            if self.resume_from is None:  # rows of an earlier attempt that never reached a checkpoint are redone
-                self.run.truncate_logs(0)
 
-        torch.manual_seed(config.seed)
-        self.parallel = Parallel(self.dist, self.device, fsdp=config.fsdp, compile=self.compile)
+    def _write_run_folder(self) -> None:
+        """The resolved config.toml, the tokenizer and chat template; the log rows of an unsaved earlier attempt go."""
+        self.run.write_config(self.resolved_tables())
+        write_bytes_atomic(self.run.tokenizer_path, self.corpus.tokenizer_path.read_bytes())
+        if not self.run.chat_template_path.is_file():  # a resumed run keeps the template it was given
+            chat.DEFAULT.save(self.run.chat_template_path)
+        if self.resume_from is None:  # rows of an earlier attempt that never reached a checkpoint are redone
+            self.run.truncate_logs(0)
+
+    def _build_model(self) -> None:
+        """The model and its optimizer under the parallel strategy, and the float16 GradScaler."""
+        torch.manual_seed(self.config.seed)
+        self.parallel = Parallel(self.dist, self.device, fsdp=self.config.fsdp, compile=self.compile)
         self.parallel.wrap(GPT(self.model_config).to(self.device),
-                           lambda model: build_optimizer(model, config, self.device))
+                           lambda model: build_optimizer(model, self.config, self.device))
         self.model = self.parallel.model
         self.peak_lrs = [group["lr"] for group in self.parallel.optimizer.param_groups]  # lr, or muon_lr
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "float16")
+
+    def _start_logs(self, progress_bar: bool) -> None:
+        """Evaluation inputs, the run's counters and clocks, the metrics logger and the progress bar."""
         self.val_tokens = self.corpus.tokens("val")
         self.byte_lengths = token_byte_lengths(self.tokenizer)
         self.state = RunState()
-        self.tokens_per_step = config.batch_size * self.model_config.context_length
+        self.tokens_per_step = self.config.batch_size * self.model_config.context_length
         self.peak_flops = device_peak_flops(self.device)
         self.flops_per_token = self.model.flops_per_token()
-        self.metrics = MetricsLogger(self.run, config, tables, enabled=self.dist.is_main)
+        self.metrics = MetricsLogger(self.run, self.config, self.resolved_tables(), enabled=self.dist.is_main)
         self.bar = None
         if self.dist.is_main and progress_bar:
-            self.bar = tqdm(total=self.max_steps or None, unit="step", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=self.length.max_steps or None, unit="step", dynamic_ncols=True, leave=True)
         self._session_start: float | None = None  # timer() at this session's first step
         self.elapsed = 0.0  # training wall time of the run after the last step, earlier sessions included
         self._window_start, self._window_tokens = self.timer(), 0  # tokens/s since the last log row
@@ -217,8 +157,8 @@ class Trainer:
         self.stop_requested: str | None = None  # the signal every rank agreed to stop on, after a step
 
     def resolved_tables(self) -> dict[str, dict[str, Any]]:
-        return {"model": dataclasses.asdict(self.model_config), "train": dataclasses.asdict(self.config),
-                "data": self.tables["data"]}
+        """Every value of the run's [model], [train] and [data] tables (config.toml, checkpoints' meta.json)."""
+        return RunConfig(self.model_config, self.config, self.data_config).tables()
 
     # --- progress ---------------------------------------------------------------------------
 
@@ -228,19 +168,9 @@ class Trainer:
             return self.state.elapsed_s
         return self.state.elapsed_s + self.timer() - self._session_start
 
-    def progress(self) -> float:
-        """The larger of the step fraction and the time fraction of the run done (drives the LR schedule)."""
-        parts = []
-        if self.max_steps:
-            parts.append(self.state.step / self.max_steps)
-        if self.budget_s:
-            parts.append(self.elapsed / self.budget_s)
-        return max(parts)
-
     @property
     def finished(self) -> bool:
-        return ((bool(self.max_steps) and self.state.step >= self.max_steps)
-                or (bool(self.budget_s) and self.elapsed >= self.budget_s))
+        return self.length.finished(self.state.step, self.elapsed)
 
     # --- the five verbs -----------------------------------------------------------------------
 
@@ -271,7 +201,7 @@ class Trainer:
         config, device, optimizer = self.config, self.device, self.parallel.optimizer
         if self._session_start is None:
             self._session_start = self.timer()
-        multiplier = lr_multiplier(config, self.state.step, self.progress())
+        multiplier = lr_multiplier(config, self.state.step, self.length.progress(self.state.step, self.elapsed))
         lr = config.lr * multiplier
         for group, peak in zip(optimizer.param_groups, self.peak_lrs):
             group["lr"] = peak * multiplier
@@ -499,10 +429,12 @@ class Trainer:
         return last_row if self.dist.is_main else {}
 
 
-def train(tables: dict[str, dict[str, Any]], out_dir: str | Path, resume: bool = False, device: str = "auto",
-          stop_at_step: int | None = None, progress_bar: bool = True) -> dict[str, Any]:
-    """Train (or continue, with `resume`) the run in `out_dir`; the final row on the main process, {} elsewhere."""
-    trainer = Trainer(tables, out_dir, resume=resume, device=device, progress_bar=progress_bar)
+def train(config: RunConfig | dict[str, dict[str, Any]], out_dir: str | Path, resume: bool = False,
+          device: str = "auto", stop_at_step: int | None = None, progress_bar: bool = True) -> dict[str, Any]:
+    """Train (or continue, with `resume`) the run in `out_dir`; the final row on the main process, {} elsewhere.
+
+    `config`: a checked `RunConfig` (`gtransformer train`), or raw [model]/[train]/[data] tables to check."""
+    trainer = Trainer(config, out_dir, resume=resume, device=device, progress_bar=progress_bar)
     try:
         trainer.restore()
         return trainer.fit(stop_at_step)
