@@ -4,6 +4,7 @@ trained. A failing cell fails the test (papermill's PapermillExecutionError name
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -89,5 +90,32 @@ def test_explore_notebook_on_the_trained_run(trained, tmp_path):
     if not (NOTEBOOKS / "explore.ipynb").is_file():
         pytest.skip("notebooks/explore.ipynb is not in this checkout (yet): only train.ipynb ran")
     workdir, _ = trained
-    execute("explore.ipynb", tmp_path / "explore.ipynb",
-            {"run": str(workdir / "runs" / "notebook"), "max_tokens": 5000})
+    run = workdir / "runs" / "notebook"
+    notebook = execute("explore.ipynb", tmp_path / "explore.ipynb", {"run": str(run), "max_tokens": 5000})
+    text = "".join(outputs(notebook, "stream"))
+    # Loading: the run's newest checkpoint, a GQA + MoE model, and the corpus the run recorded.
+    newest = sorted(run.glob("checkpoints/step-*"))[-1]
+    loaded = re.search(r"checkpoint: (\S+) \(step (\d+)\)", text)
+    assert loaded and Path(loaded[1]).name == newest.name and int(loaded[2]) == int(newest.name.split("-")[1])
+    shape = re.search(r"(\d+) query heads sharing (\d+) K/V heads, (\d+) experts \(top-\d+\)", text)
+    assert shape, "no model line printed"
+    n_heads, n_kv_heads, n_experts = map(int, shape.groups())
+    assert n_kv_heads < n_heads
+    assert "corpus: " in text and "none recorded" not in text
+    # 2. Expert loads on the validation tokens: each MoE layer's router entropy, at most log(n_experts).
+    assert f"router entropy (nats), maximum log({n_experts})" in text
+    shares = [int(share) for share in re.findall(r"  layer \d+: [\d.]+ \((\d+)% of the maximum\)", text)]
+    assert shares and all(0 <= share <= 100 for share in shares)
+    assert "most often:" in text and "most specific" in text
+    # 4. The KV-cache table: multi-head attention keeps n_heads / n_kv_heads times the bytes of GQA.
+    table = [tuple(map(int, row)) for row in re.findall(r"^ *(\d+) +(\d+) +(\d+)$", text, re.M)]
+    assert table and table[-1][2] / table[-1][1] == pytest.approx(n_heads / n_kv_heads, rel=0.01)
+    # 5. The tokenizer: frequent and long tokens, and the BPE's tokens per word of validation text.
+    assert "most frequent:" in text and "longest:" in text
+    per_word = re.search(r"gtransformer BPE: ([\d.]+) tokens per word on (\d+) words of validation text", text)
+    assert per_word and float(per_word[1]) > 0 and int(per_word[2]) > 0
+    assert "explored in " in text
+    # Figures: routing of the sentence, expert loads, one attention map per K/V head, KV cache, token pieces;
+    # HTML: the routing table, the two top-token tables and the tokenizers' cuts of the sentence.
+    assert len(outputs(notebook, "image/png")) == 4 + n_kv_heads
+    assert len(outputs(notebook, "text/html")) == 4
