@@ -45,7 +45,6 @@ import common  # noqa: E402
 
 from gtransformer.config import apply_overrides, load_toml  # noqa: E402
 from gtransformer.files import read_jsonl  # noqa: E402
-from gtransformer.runtime import intra_op_threads  # noqa: E402
 from gtransformer.training.trainer import Trainer  # noqa: E402
 
 
@@ -192,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = [parse_config(c) for c in args.config]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.interleave:
-        with intra_op_threads(args.threads):  # the interleaved trainers run in this process
-            results = train_interleaved(configs, args)
+        common.set_threads(args.threads)  # the interleaved trainers run in this process
+        results = train_interleaved(configs, args)
     else:
         results = [train_and_eval(name, preset, overrides, args) for name, preset, overrides in configs]
     first = results[0]["val_bpb"]

@@ -17,8 +17,9 @@ import torch
 
 from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.data.toy import toy_corpus
-from gtransformer.inference import generate as generate_module
-from gtransformer.inference.generate import DecodeOptions, generate
+from gtransformer.inference import sampling as sampling_module
+from gtransformer.inference.decode import DecodeOptions
+from gtransformer.inference.generate import generate
 from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.model import GPT
@@ -195,17 +196,17 @@ def record_step_logits(model, prompts, n_new, **options):
 
     options: `DecodeOptions` fields (dtype, compile, ...)."""
     seen = []
-    original = generate_module.sample_next
+    original = sampling_module.sample_next
 
     def recording(logits, *args):
         seen.append(logits.clone())
         return original(logits, *args)
 
-    generate_module.sample_next = recording
+    sampling_module.sample_next = recording
     try:
         tokens = generate(model, prompts, SamplingConfig(max_new_tokens=n_new, temperature=0), DecodeOptions(**options))
     finally:
-        generate_module.sample_next = original
+        sampling_module.sample_next = original
     return tokens, seen
 
 

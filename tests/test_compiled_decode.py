@@ -9,14 +9,11 @@ from conftest import NEEDS_CPP_COMPILER
 import torch
 
 from gtransformer import runtime
-from gtransformer.inference import compiled_decode
-from gtransformer.inference.compiled_decode import CompiledDecoder
-from gtransformer.inference.decode import Decoder, matvec_layout
-from gtransformer.inference.decode_weights import fold_for_decoding
+from gtransformer.inference import decode as decode_module
+from gtransformer.inference.decode import CompiledStep, DecodeOptions, Decoder
 from gtransformer.errors import UserError
-from gtransformer.inference.generate import DecodeOptions, generate
+from gtransformer.inference.generate import generate
 from gtransformer.inference.sampling import SamplingConfig
-from gtransformer.model.attention import KVCache
 
 
 pytestmark = [
@@ -58,24 +55,18 @@ def test_compiled_steps_match_full_recompute_with_ragged_prompts(overrides, make
 
 
 @torch.inference_mode()
-def test_eager_and_compiled_decoders_read_one_fold_for_decoding(make_model):
+def test_eager_and_compiled_steps_run_the_same_forward(make_model):
     model = make_model(n_layers=1, qk_norm=True)
-    folded = fold_for_decoding(model)
     prompt, token = [3, 4, 5], 6
     expected = model(torch.tensor([prompt + [token]])).logits[0, -1]
-
-    def after_prefill():
-        cache = KVCache(model.config, 1, model.config.context_length, "cpu", torch.float32)
-        model(torch.tensor([prompt]), cache=cache)
-        return cache
-
-    compiled = CompiledDecoder(folded)
-    assert compiled.w is folded
-    cache = after_prefill()
-    torch.testing.assert_close(compiled.step(torch.tensor([token]), cache, None, None)[0], expected, atol=1e-5, rtol=0)
-    cache = after_prefill()
-    eager = Decoder(matvec_layout(folded), cache, None).step(torch.tensor([token]), None)[0]
-    torch.testing.assert_close(eager, expected, atol=1e-5, rtol=0)
+    for options in (DecodeOptions(), COMPILED):
+        decoder = Decoder(model, options)
+        cache = decoder.cache(1, len(prompt) + 1)
+        decoder.prefill(torch.tensor([prompt]), cache)
+        torch.testing.assert_close(decoder.step(torch.tensor([token]), cache)[0], expected, atol=1e-5, rtol=0)
+        assert cache.length == len(prompt) + 1
+    # The compiled step is torch.compile of a decoding copy's own GPT.forward, with a whole-context cache.
+    assert decoder.compiled.model is decoder.step_model and cache.max_len == model.config.context_length
 
 
 def test_compiled_bfloat16_decoding_stays_close_to_the_model_forward(make_model, record_step_logits):
@@ -90,12 +81,12 @@ def test_compiled_bfloat16_decoding_stays_close_to_the_model_forward(make_model,
 def test_compiled_decoder_is_reused_and_rebuilt_when_weights_change(make_model, record_step_logits):
     model = make_model(n_layers=1)
     first = generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=5, temperature=0), COMPILED)
-    decoder = CompiledDecoder.for_model(model)
-    assert CompiledDecoder.for_model(model) is decoder
+    decoder = CompiledStep.for_model(model)
+    assert CompiledStep.for_model(model) is decoder
     assert generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=5, temperature=0), COMPILED) == first
     with torch.no_grad():
         model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))  # as an optimizer step would
-    assert CompiledDecoder.for_model(model) is not decoder
+    assert CompiledStep.for_model(model) is not decoder
     tokens, logits = record_step_logits(model, [[1, 2, 3]], 5, compile=True)
     assert_matches_full_recompute(model, [[1, 2, 3]], tokens, logits, atol=1e-5)
 
@@ -124,7 +115,7 @@ def test_a_failing_compilation_becomes_a_user_error(monkeypatch, make_model):
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nlong traceback text")
         return run
 
-    monkeypatch.setattr(compiled_decode.torch, "compile", broken_compile)
+    monkeypatch.setattr(decode_module.torch, "compile", broken_compile)
     model = make_model(n_layers=1)
     with pytest.raises(UserError, match="compiling the decoding step failed.*InvalidCxxCompiler.*without --compile"):
         generate(model, [[1, 2]], SamplingConfig(max_new_tokens=3), COMPILED)

@@ -8,9 +8,11 @@ from conftest import NEEDS_CPP_COMPILER
 
 from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.errors import UserError
-from gtransformer.inference import engine as engine_module
+from gtransformer.inference import decode as decode_module
+from gtransformer.inference.decode import DecodeOptions
+from gtransformer.inference.decode_model import CACHE_ATTRIBUTE
 from gtransformer.inference.engine import Engine, QueueFull
-from gtransformer.inference.generate import DecodeOptions, generate
+from gtransformer.inference.generate import generate
 from gtransformer.inference.sampling import SamplingConfig
 from gtransformer.model.attention import KVCache
 
@@ -72,14 +74,16 @@ def test_per_row_cache_step_equals_full_recompute(model):
 
 
 @pytest.mark.parametrize("max_batch", [1, 3, 8])
-@pytest.mark.parametrize("path", ["decoder", "forward"])  # CPU steps take the eager Decoder; GPUs GPT.forward
+@pytest.mark.parametrize("path", ["decoding copy", "model"])  # CPU steps run a decoding copy; GPUs the model
 def test_concurrent_requests_equal_generate_alone(model, tokenizer, max_batch, path, monkeypatch):
-    if path == "forward":
-        monkeypatch.setattr(engine_module, "supports_fast_decode", lambda model, batch: False)
+    model.__dict__.pop(CACHE_ATTRIBUTE, None)
+    if path == "model":
+        monkeypatch.setattr(decode_module, "decoding_model", lambda model, dtype, layout: model)
     sampling = greedy(repetition_penalty=1.3) if max_batch == 3 else greedy()
     with Engine(model, tokenizer, max_batch=max_batch) as engine:
         requests = [engine.submit(p, sampling) for p in PROMPTS]
         results = [r.result(timeout=WAIT) for r in requests]
+    model.__dict__.pop(CACHE_ATTRIBUTE, None)
     for prompt, (tokens, text, final) in zip(PROMPTS, results):
         assert tokens == alone(model, prompt, sampling)
         assert final.finish_reason in ("length", "stop")
@@ -95,11 +99,11 @@ def test_compiled_engine_equals_compiled_generate_alone(model, tokenizer):
     step = engine._batched_step
     engine._batched_step = lambda: (padded.append(engine._padded(len(engine._slots))), step())
     with engine:
-        compiled_at_start = set(engine._compiled._warm)
+        compiled_at_start = set(engine._decoder.compiled._warm)
         requests = [engine.submit(p, greedy()) for p in PROMPTS[:5]]
         results = [r.result(timeout=WAIT)[0] for r in requests]
     assert {key[0] for key in compiled_at_start} == {1, 2, 4}
-    assert engine._compiled._warm == compiled_at_start  # no request waited for a compilation
+    assert engine._decoder.compiled._warm == compiled_at_start  # no request waited for a compilation
     assert 4 in padded and len(set(padded)) > 1
     for prompt, tokens in zip(PROMPTS, results):
         assert tokens == generate(model, [prompt], greedy(), compiled)[0]

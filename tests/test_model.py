@@ -195,9 +195,9 @@ def test_from_dict_rejects_unknown_keys_and_coerces_numbers():
 
 def test_input_longer_than_context_is_a_user_error():
     model = GPT(small_config(context_length=8))
-    with pytest.raises(UserError, match="longer than the model's context_length \\(8\\)"):
+    with pytest.raises(UserError, match="the input of 9 tokens exceeds the model's context_length \\(8\\)"):
         model(torch.zeros(1, 9, dtype=torch.long))
-    with pytest.raises(UserError, match="context_length is 8"):
+    with pytest.raises(UserError, match="a KV cache of 12 tokens exceeds the model.s context_length \\(8\\)"):
         KVCache(model.config, batch_size=1, max_len=12, device="cpu", dtype=torch.float32)
 
 

@@ -1,9 +1,9 @@
 """Where and how the work runs: device, precision, autocast, distributed init, threads, peak FLOPs, memory.
 
-Every function here reads the machine or changes process-wide torch state only
-when its caller asks (`intra_op_threads` restores what it changed), so the
-training loop, the decoders and the commands share one answer to "which device,
-which precision, how many threads".
+Every function here reads the machine; none changes process-wide torch state (the
+commands own their process and set its thread count once), so the training loop,
+the decoding step and the commands share one answer to "which device, which
+precision, how many threads".
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from gtransformer.errors import UserError
+from gtransformer.model.moe import FEW_TOKENS
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
@@ -205,18 +206,14 @@ def resolve_compile(requested: bool | str, device: torch.device, precision: str,
     return bool(requested), None
 
 
-@contextlib.contextmanager
-def intra_op_threads(n: int | None):
-    """Run torch CPU ops on n threads inside the block, then restore the count (None: leave it alone)."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def decode_threads(device: torch.device, rows: int, compile: bool) -> int | None:
+    """The intra-op thread count a decoding command sets once for its process (None: leave torch's).
+
+    One thread for eager CPU decoding of at most moe.FEW_TOKENS rows: its matrix-vector products are too
+    small to split, and on a busy machine waiting for a second thread costs more than the work (measured
+    4x slower with 2 threads on the shared 2-core box). A compiled step and larger batches keep torch's.
+    """
+    return 1 if device.type == "cpu" and rows <= FEW_TOKENS and not compile else None
 
 
 # --- distributed ------------------------------------------------------------------------

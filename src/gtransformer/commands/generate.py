@@ -12,10 +12,13 @@ except ImportError:
     readline = None
 from pathlib import Path
 
+import torch
+
 from gtransformer.errors import UserError
-from gtransformer.inference.generate import DecodeOptions, GenerationStats, generate_text, prompt_ids, stream
+from gtransformer.inference.decode import DecodeOptions
+from gtransformer.inference.generate import GenerationStats, check_prompts, generate_text, prompt_ids, stream
 from gtransformer.inference.sampling import SamplingConfig
-from gtransformer.runtime import pick_device
+from gtransformer.runtime import decode_threads, pick_device
 from gtransformer.training.checkpoint import load_for_inference
 
 
@@ -101,15 +104,6 @@ def read_utf8(path: Path, option: str) -> str:
         raise UserError(f"{option} {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
 
 
-def check_fits(tokenizer, context_length: int, prompts: list[str], max_new_tokens: int) -> None:
-    longest = max(len(prompt_ids(tokenizer, p)) for p in prompts)
-    if longest + max_new_tokens > context_length:
-        raise UserError(
-            f"prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
-            f"context_length ({context_length}); shorten the prompt or lower --max-new-tokens"
-        )
-
-
 def report_speed(stats: GenerationStats) -> None:
     print(f"[{stats.tokens} tokens in {stats.seconds:.2f} s, {stats.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
 
@@ -128,7 +122,7 @@ def interactive(model, tokenizer, sampling: SamplingConfig, options: DecodeOptio
         if not prompt.strip():
             continue
         try:
-            check_fits(tokenizer, model.config.context_length, [prompt], sampling.max_new_tokens)
+            check_prompts(model.config, [prompt_ids(tokenizer, prompt)], sampling.max_new_tokens)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             continue
@@ -163,14 +157,17 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     sampling.validate(OPTION_NAMES)
     prompt = "" if batch is not None or args.interactive else read_prompt(args)
-    # A command owns its process: few-row CPU steps on one thread (see DecodeOptions.single_thread_steps).
-    options = DecodeOptions(dtype=args.decode_dtype, compile=args.compile, single_thread_steps=True)
+    options = DecodeOptions(dtype=args.decode_dtype, compile=args.compile)
     options.validate()
-    model, tokenizer, _ = load_for_inference(args.run, device=pick_device(args.device))
+    device = pick_device(args.device)
+    prompts = batch if batch is not None else [prompt] * args.num_samples
+    threads = decode_threads(device, 1 if args.interactive else len(prompts), args.compile)
+    if threads is not None:  # the command owns its process: its thread count is set here, once
+        torch.set_num_threads(threads)
+    model, tokenizer, _ = load_for_inference(args.run, device=device)
     if args.interactive:
         return interactive(model, tokenizer, sampling, options)
-    prompts = batch if batch is not None else [prompt] * args.num_samples
-    check_fits(tokenizer, model.config.context_length, prompts, sampling.max_new_tokens)
+    check_prompts(model.config, [prompt_ids(tokenizer, p) for p in prompts], sampling.max_new_tokens)
     out, stats = sys.stdout, GenerationStats()
     if batch is not None:  # one JSON line per prompt, decoded as one batch
         texts = generate_text(model, tokenizer, batch, sampling, options, stats)

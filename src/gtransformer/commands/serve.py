@@ -17,13 +17,14 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from gtransformer.errors import UserError
 from gtransformer.inference.engine import Engine
-from gtransformer.inference.generate import DecodeOptions
+from gtransformer.inference.decode import DecodeOptions
 from gtransformer.interop.hf import import_hf
-from gtransformer.runtime import pick_device
+from gtransformer.runtime import decode_threads, pick_device
 from gtransformer.serving.app import create_app
 from gtransformer.serving.service import ServerSettings
 from gtransformer.inference.chat import ChatTemplate
@@ -133,11 +134,15 @@ def run_serve(args: argparse.Namespace) -> int:
         if not api_key:
             raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset; "
                             f"export {args.api_key_env}=... first")
-    options = DecodeOptions(dtype=args.decode_dtype, compile=args.compile, single_thread_steps=True)
+    options = DecodeOptions(dtype=args.decode_dtype, compile=args.compile)
     options.validate()
     sock = bind(args.host, args.port)
     with contextlib.closing(sock):
-        model, tokenizer, template, name = load_model(args.run, pick_device(args.device))
+        device = pick_device(args.device)
+        threads = decode_threads(device, args.max_batch, args.compile)
+        if threads is not None:  # the command owns its process: its thread count is set here, once
+            torch.set_num_threads(threads)
+        model, tokenizer, template, name = load_model(args.run, device)
         engine = Engine(model, tokenizer, max_batch=args.max_batch, options=options, max_queue=args.max_queue)
         settings = ServerSettings(model_name=args.model_name or name, max_tokens_cap=args.max_tokens_cap,
                                   api_key=api_key)

@@ -1,3 +1,3 @@
-"""Inference: `sampling` (SamplingConfig), `generate` (the loop, DecodeOptions), `decode_weights` (one fold
-of a model's weights, and its cache), `decode` (eager decoder), `compiled_decode` (torch.compile'd decoder),
-`int8` (weight-only quantisation), `stream` (TextStream)."""
+"""Inference: `sampling` (SamplingConfig, SamplingState), `decode` (DecodeOptions, the one decoding step: Decoder),
+`decode_model` (a model's matrices laid out for decoding, and their cache), `int8` (weight-only quantisation),
+`generate` (the loop), `engine` (continuous batching for the server), `stream` (TextStream), `chat`."""

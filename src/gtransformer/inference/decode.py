@@ -1,204 +1,164 @@
-"""The eager decoder: single-token steps of a `GPT` over a filled `KVCache`, for a few rows on CPU.
+"""The one decoding step of `generate` and the serving `Engine`: a `GPT`'s own forward over a `KVCache`.
 
-    fold_for_decoding ─► matvec_layout (matvec operands, int8, RoPE tables scaled for attention)
-      ─► Decoder.step, per layer: qkv matvec ─► RoPE ─► cache write ─► attention ─► o (+x)
-                                  router ─► each row's top-k experts (+x) ─► shared/dense SwiGLU (+x)
+    Decoder(model, DecodeOptions)
+      prefill(ids (B, T), cache)     the model as trained: T tokens a row into the cache
+      step(tokens (B,), cache)       one token a row, every row at the cache's next slot, or each row at
+                                     its own (a `rows(...)` view: continuous batching), through:
+          CPU, eager                 decode_model.decoding_model(layout "matvec" or "int8")
+          GPU, eager                 the model itself (and any model that is not a `GPT`)
+          options.compile            torch.compile of decoding_model(layout "linear")'s forward: one
+                                     static-shape graph (whole-context cache, per-row slots and masks)
 
-The math is `GPT.forward`'s, through the same primitives (`model.primitives`,
-`moe.select_experts`) and the same folded weights as `CompiledDecoder`; what is
-particular here is only the layout of the matrices and the op count. Few ops
-per layer matter: at batch 1 a step is ~200 tiny ops around ~50 matrix-vector
-products, so rows run through their experts one by one (ids read on the host,
-free on CPU) and residual adds fuse into the products (addmm).
-
-Shapes: B rows, H query heads, K key/value heads, D head dim, S cache slots.
+Every path runs `GPT.forward`, so the math of a step is the model's (gtransformer.model); what differs
+is only the layout of the matrices and whether torch.compile traced it. Which tokens are drawn from
+the logits is `sampling.SamplingState`; thread counts are the calling command's (`runtime.decode_threads`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from gtransformer.inference.decode_weights import (
-    DecodeWeights,
-    cached_for_weights,
-    fold_for_decoding,
-    folded_rms_norm,
-    map_matrices,
-)
-from gtransformer.inference.int8 import Int8Matrix
-from gtransformer.model.attention import KVCache, decode_attention, step_mask
+from gtransformer.errors import UserError
+from gtransformer.inference.decode_model import cached_for_weights, decoding_model
+from gtransformer.inference.int8 import int8_decode_available
+from gtransformer.model.attention import KVCache
 from gtransformer.model.model import GPT
-from gtransformer.model.moe import FEW_TOKENS, select_experts
-from gtransformer.model.primitives import apply_rope, rms_norm, swiglu
+from gtransformer.runtime import require_cpp_compiler
 
-MatvecOperand = torch.Tensor | Int8Matrix  # R in h @ R
+# "int8": int8 weights with a bfloat16 scale per output channel, bfloat16 matmul inputs (weight-only quantisation).
+DECODE_DTYPES = {
+    None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
+}
+COMPILED_DTYPES = (None, "float32", "bfloat16", "float16")
+RECOMPILE_LIMIT = 256  # graphs of the decoding step per process (see `CompiledStep.__call__`)
 
 
-def matvec_operand(weight: torch.Tensor, int8: bool = False):
-    """nn.Linear weight (out, in) -> R with h @ R == F.linear(h, weight), in its fastest layout.
+@dataclass
+class DecodeOptions:
+    """How the logits are computed; which tokens are drawn from them is `SamplingConfig`."""
 
-    Measured on this project's CPU (one thread, weights not in cache): a wide float32 weight
-    (out > in) is read 1.1-2.7x faster as a contiguous (in, out) matrix (w13: 68 vs 137 us,
-    lm_head: 409 vs 1090 us); narrow ones and float16 (whose kernel wants (out, in)) keep their
-    layout. int8: an `Int8Matrix`. A stack (E, out, in) becomes a tuple of E operands, so that
-    picking an expert is a tuple lookup, not an indexing op.
+    # Decoding matrices in this dtype ("float16", "bfloat16", "int8"); None = the model's. float16 halves
+    # the bytes each step reads, int8 quarters them (CPU; measured ~1.5x and ~2x faster here), at the cost
+    # of approximate logits (float16 rounding; int8 per-channel weights and bfloat16 matmul inputs).
+    dtype: str | None = None
+    # Decode through `CompiledStep`: the step as one torch.compile graph (needs a C++ compiler on CPU;
+    # 15-25 s to compile once per process; benchmarks/RESULTS.md has its speed against eager).
+    compile: bool = False
+
+    def validate(self) -> None:
+        if self.dtype not in DECODE_DTYPES:
+            raise UserError(f"dtype = {self.dtype!r} must be one of {', '.join(map(str, DECODE_DTYPES))}")
+        if self.dtype == "int8" and not int8_decode_available():
+            raise UserError(f"dtype = \"int8\" needs torch.ops.aten._weight_int8pack_mm, missing in torch "
+                            f"{torch.__version__}; use \"float16\"")
+        if self.compile and self.dtype not in COMPILED_DTYPES:
+            raise UserError("compiled decoding takes float32, bfloat16 or float16 weights, not int8; "
+                            "drop --compile or choose another --decode-dtype")
+
+
+class CompiledStep:
+    """torch.compile of a decoding model's forward for one token a row over a static `KVCache.rows` view.
+
+    Static shapes make one graph serve every step: the cache spans the whole context and attention
+    masks the slots not written yet (and each row's left padding); the router's expert ids index the
+    stacked expert weights on the device, so no step waits on the host and the graph has no breaks.
     """
-    if int8:
-        operand = Int8Matrix(weight)
-    elif weight.shape[-2] > weight.shape[-1] and weight.dtype != torch.float16:
-        operand = weight.transpose(-1, -2).contiguous()
-    else:
-        operand = weight.transpose(-1, -2)
-    return tuple(operand[e] for e in range(weight.shape[0])) if weight.dim() == 3 else operand
 
+    def __init__(self, model):
+        device = model.embed_tokens.weight.device
+        require_cpp_compiler(device, "run without --compile")
+        self.model = model
+        # On CPU a C++ wrapper (no Python per buffer, no size asserts) saves ~15% of a tiny-preset step.
+        options = {"cpp_wrapper": True, "size_asserts": False} if device.type == "cpu" else None
+        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False, options=options)
+        self._warm: set[tuple] = set()  # (batch, cache shape, strides, dtype, device) already compiled
 
-def matvec_layout(weights: DecodeWeights, int8: bool = False) -> DecodeWeights:
-    """`fold_for_decoding`'s weights as the eager `Decoder` reads them: the only transform after folding.
+    def _forward(self, tokens_B: torch.Tensor, cache: KVCache, positions_B: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens_B[:, None], cache=cache, position_ids=positions_B[:, None]).logits[:, -1].float()
 
-    Every matrix becomes its `matvec_operand` (int8-quantised with int8=True); the RoPE tables
-    become (S, H + K, D) in the model's dtype with the attention scale 1/sqrt(D) folded into the
-    query heads' rows (with QK-norm the scale cannot go into the weights).
-    """
-    H, K, D = weights.n_heads, weights.n_kv_heads, weights.head_dim
-    head_scale = torch.ones(H + K, 1, device=weights.embed.device)
-    head_scale[:H] = D**-0.5
-    return replace(
-        map_matrices(weights, lambda w: matvec_operand(w, int8)),
-        dtype=torch.int8 if int8 else weights.dtype,
-        rope_cos=(weights.rope_cos.float()[:, None, :] * head_scale).to(weights.model_dtype),
-        rope_sin=(weights.rope_sin.float()[:, None, :] * head_scale).to(weights.model_dtype),
-    )
+    def __call__(self, tokens_B: torch.Tensor, cache: KVCache, positions_B: torch.Tensor) -> torch.Tensor:
+        # Strides too: a view of some rows of a bigger cache (the engine's) is another graph than a whole cache.
+        key = (tokens_B.shape[0], tuple(cache.k.shape), cache.k.stride(), cache.k.dtype, tokens_B.device)
+        args = (tokens_B, cache, positions_B.clone())  # never aliasing next_slots: one graph for every caller
+        if key in self._warm:
+            return self._compiled(*args)
+        try:
+            # torch.compile keeps the graphs of `_forward` per code object, shared by every CompiledStep of the
+            # process (each model, dtype and batch size is one): its default limit of 8 would refuse a server's
+            # padded batch sizes next to generate's. Raised only while a new shape compiles.
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                logits = self._compiled(*args)
+        except Exception as exc:  # compiling failed: a missing C++ compiler, an unsupported device, ...
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"compiling the decoding step failed ({type(exc).__name__}: {first_line[:200]}); "
+                            f"torch.compile needs a working C++ compiler on CPU; run without --compile") from None
+        self._warm.add(key)
+        return logits
 
-
-def _matmul(h: torch.Tensor, right: MatvecOperand) -> torch.Tensor:
-    if isinstance(right, Int8Matrix):
-        return right.matmul(h)
-    return h.to(right.dtype) @ right
-
-
-def _add_matmul_(out: torch.Tensor, h: torch.Tensor, right: MatvecOperand, alpha: float = 1.0) -> torch.Tensor:
-    """out += alpha * h @ right, in place, in one addmm when the dtypes allow it."""
-    if isinstance(right, torch.Tensor) and out.dtype == right.dtype:
-        return out.addmm_(h.to(right.dtype), right, alpha=alpha)
-    return out.add_(_matmul(h, right), alpha=alpha)
-
-
-def _swiglu_(out: torch.Tensor, h: torch.Tensor, w13: MatvecOperand, w2: MatvecOperand, alpha: float = 1.0):
-    """out += alpha * w2(swiglu(w13 h)), in place."""
-    gate_up = _matmul(h, w13)
-    hidden = gate_up.shape[-1] // 2
-    _add_matmul_(out, swiglu(gate_up[:, :hidden], gate_up[:, hidden:]), w2, alpha)
-
-
-def _grouped_experts_(x_BM: torch.Tensor, h_BM: torch.Tensor, experts, top_ids_Bk: torch.Tensor,
-                      top_weights_Bk: torch.Tensor) -> None:
-    """x += each row's weighted top-k SwiGLU experts, one product per chosen expert over its rows.
-
-    Several rows often share an expert; reading its weights once for all of them, instead of
-    once per row, is what lets a batched step cost less than its rows one by one.
-    """
-    rows_of: dict[int, list[int]] = {}
-    weights_of: dict[int, list[float]] = {}
-    for row, (ids, weights) in enumerate(zip(top_ids_Bk.tolist(), top_weights_Bk.tolist())):
-        for e, weight in zip(ids, weights):
-            rows_of.setdefault(e, []).append(row)
-            weights_of.setdefault(e, []).append(weight)
-    for e, rows in rows_of.items():
-        if len(rows) == 1:
-            row = rows[0]
-            _swiglu_(x_BM[row : row + 1], h_BM[row : row + 1], experts.w13[e], experts.w2[e], weights_of[e][0])
-            continue
-        index = torch.tensor(rows, device=x_BM.device)
-        out = torch.zeros(len(rows), x_BM.shape[1], dtype=x_BM.dtype, device=x_BM.device)
-        _swiglu_(out, h_BM.index_select(0, index), experts.w13[e], experts.w2[e])
-        x_BM.index_add_(0, index, out.mul_(torch.tensor(weights_of[e], dtype=out.dtype, device=out.device)[:, None]))
-
-
-def supports_fast_decode(model, batch: int) -> bool:
-    """Whether `Decoder` runs this model's steps: a CPU `GPT` and at most FEW_TOKENS rows.
-
-    It beats the grouped GEMMs of the model's forward only while rows are few, and it reads the
-    chosen experts on the host, free on CPU but a sync per layer on CUDA (which decodes through
-    the model's own forward).
-    """
-    on_cpu = isinstance(model, GPT) and model.embed_tokens.weight.device.type == "cpu"
-    return on_cpu and batch <= FEW_TOKENS
+    @classmethod
+    def for_model(cls, model, dtype: torch.dtype | None = None) -> CompiledStep:
+        """The model's compiled step, rebuilt (and recompiled) only when its weights or dtype changed."""
+        dtype = dtype or model.embed_tokens.weight.dtype
+        return cached_for_weights(model, "compiled", dtype, lambda: cls(decoding_model(model, dtype, "linear")))
 
 
 class Decoder:
-    """Single-token decoding steps of a `GPT` over a filled `KVCache`: `GPT.forward`'s math, inference only."""
+    """Prefill and batched decoding steps of one model, as `DecodeOptions` say; see the module docstring.
 
-    def __init__(self, weights: DecodeWeights, cache: KVCache, pad: torch.Tensor | None):
-        """weights: from `prepared_weights` (or `matvec_layout`); pad (B,): each row's left-padding slots."""
-        self.w = weights
-        self.cache = cache
-        self.k_layers, self.v_layers = cache.k.unbind(0), cache.v.unbind(0)  # (B, K, S, D) views
-        self.matmul_dtype = Int8Matrix.input_dtype if weights.dtype == torch.int8 else weights.dtype
-        self.pad = pad
-        self.slots = torch.arange(cache.max_len, device=cache.k.device)
+    keep=False (a model in training mode, whose weights change between calls) prepares the decoding
+    copy without keeping it on the model (`decode_model.cached_for_weights`).
+    """
 
-    @classmethod
-    def prepared_weights(cls, model, dtype: torch.dtype | None = None, keep: bool = True) -> DecodeWeights:
-        """The model's weights in `matvec_layout`, rebuilt only when the weights (or dtype) changed.
+    def __init__(self, model, options: DecodeOptions | None = None, keep: bool = True):
+        options = options or DecodeOptions()
+        options.validate()
+        self.model = model
+        self.static = options.compile  # a compiled step reads whole-context caches through static views
+        dtype = DECODE_DTYPES[options.dtype]
+        self.compiled: CompiledStep | None = None
+        if options.compile:
+            self.compiled = CompiledStep.for_model(model, dtype)
+            self.step_model = self.compiled.model
+        elif isinstance(model, GPT) and model.embed_tokens.weight.device.type == "cpu":
+            layout = "int8" if options.dtype == "int8" else "matvec"
+            self.step_model = cached_for_weights(model, "eager", dtype,
+                                                 lambda: decoding_model(model, dtype, layout), keep)
+        else:
+            self.step_model = model
 
-        dtype: the matrices' dtype (None: the model's; torch.int8: weight-only int8). keep=False builds
-        them without keeping them on the model (a model in training mode); see `cached_for_weights`.
+    def cache(self, batch: int, length: int, pad: torch.Tensor | None = None) -> KVCache:
+        """A KV cache for `batch` rows of `length` positions (a compiled step's spans the whole context)."""
+        config, weight = self.model.config, self.model.embed_tokens.weight
+        length = config.context_length if self.static else length
+        return KVCache(config, batch, length, weight.device, weight.dtype, pad=pad)
+
+    def rows(self, cache: KVCache, start: int, stop: int, next_slots: list[int]) -> KVCache:
+        """Rows [start, stop) of `cache`, row b's next token at its own slot next_slots[b] (continuous batching)."""
+        return cache.rows(start, stop, next_slots, static=self.static)
+
+    def prefill(self, ids_BT: torch.Tensor, cache: KVCache, positions_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) into the cache's next T slots (rows of `cache.rows(start, stop)` for one request)
+        -> the last position's logits (B, vocab) float32. positions: each row's RoPE positions (left padding)."""
+        return self.model(ids_BT, cache=cache, position_ids=positions_BT, last_logits_only=True).logits[:, -1].float()
+
+    def step(self, tokens_B: torch.Tensor, cache: KVCache, positions_B: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B,) -> logits (B, vocab) float32, one token a row into the cache.
+
+        A whole cache takes every row's token at slot `cache.length` (then advances it); positions (B,)
+        are each row's RoPE position (None: `cache.length`). A view from `rows(...)` takes row b's token
+        into its own slot next_slots[b], also its position (pass positions=None).
         """
-        int8 = dtype == torch.int8
-        fold_dtype = torch.float32 if int8 else dtype
-        return cached_for_weights(model, "eager", dtype or model.embed_tokens.weight.dtype,
-                                  lambda: matvec_layout(fold_for_decoding(model, fold_dtype), int8), keep)
-
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """tokens (B,) go into cache slot `cache.length` -> logits (B, vocab) float32; the cache advances by one.
-
-        positions (B,): each row's RoPE position, or None when every row is at `cache.length`.
-        A cache from `KVCache.rows(..., next_slots)` (the engine's continuous batching) takes row b's
-        token into its own slot next_slots[b] instead, with its own mask; pass next_slots as positions.
-        """
-        w, cache = self.w, self.cache
-        slot = cache.length
-        B = tokens.shape[0]
-        H, K, D = w.n_heads, w.n_kv_heads, w.head_dim
-        where = slot if positions is None else positions
-        cos, sin = w.rope_cos[where], w.rope_sin[where]  # (H + K, D) or (B, H + K, D), q rows scaled
-        x = F.embedding(tokens, w.embed)
-        per_row = cache.next_slots is not None
-        # (B, 1, 1, slot + 1) or None: keys are read up to `slot` (per row: up to the longest row's slot)
-        mask = cache.row_mask if per_row else step_mask(self.slots, slot, self.pad)
-        for i, layer in enumerate(w.layers):
-            qkv = _matmul(folded_rms_norm(x, w.norm_eps), layer.qkv).to(x.dtype)
-            qk = qkv[:, : (H + K) * D].view(B, H + K, D)
-            if layer.q_norm is not None:
-                qk = torch.cat((rms_norm(qk[:, :H], layer.q_norm, w.norm_eps),
-                                rms_norm(qk[:, H:], layer.k_norm, w.norm_eps)), 1)
-            qk = apply_rope(qk, cos, sin)
-            if per_row:
-                keys, values, _ = cache.write(i, qk[:, H:, None], qkv[:, (H + K) * D :].view(B, K, 1, D))
-            else:
-                k_layer, v_layer = self.k_layers[i], self.v_layers[i]
-                k_layer.select(2, slot).copy_(qk[:, H:])
-                v_layer.select(2, slot).copy_(qkv[:, (H + K) * D :].view(B, K, D))
-                keys, values = k_layer.narrow(2, 0, slot + 1), v_layer.narrow(2, 0, slot + 1)
-            q = qk[:, :H].reshape(B, K, H // K, D)
-            y = decode_attention(q, keys, values, mask, scale=1.0).reshape(B, H * D)  # the scale is already in q
-            x = _add_matmul_(x, y, layer.o)
-            h = folded_rms_norm(x, w.norm_eps)
-            h_matmul = h.to(self.matmul_dtype)  # once per layer, not once per expert
-            experts = layer.routed_experts
-            if experts is not None:
-                top_weights, top_ids = select_experts(F.linear(h.float(), experts.router), experts.top_k,
-                                                      experts.expert_bias)
-                if B == 1:
-                    for e, weight in zip(top_ids[0].tolist(), top_weights[0].tolist()):
-                        _swiglu_(x, h_matmul, experts.w13[e], experts.w2[e], weight)
-                else:
-                    _grouped_experts_(x, h_matmul, experts, top_ids, top_weights)
-            mlp = layer.unrouted_mlp
-            if mlp is not None:
-                _swiglu_(x, h_matmul, mlp.w13, mlp.w2)
+        if positions_B is None and cache.next_slots is not None:
+            positions_B = cache.next_slots  # each row at its own slot is at that position
+        if self.compiled is None:
+            position_ids = None if positions_B is None else positions_B[:, None]
+            return self.step_model(tokens_B[:, None], cache=cache, position_ids=position_ids).logits[:, -1].float()
+        if cache.next_slots is not None:
+            return self.compiled(tokens_B, cache, positions_B)
+        batch = tokens_B.shape[0]
+        view = cache.rows(0, batch, [cache.length] * batch, static=True)
+        logits = self.compiled(tokens_B, view, view.next_slots if positions_B is None else positions_B)
         cache.length += 1
-        return _matmul(folded_rms_norm(x, w.norm_eps), w.lm_head).float()
+        return logits

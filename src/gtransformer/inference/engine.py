@@ -1,11 +1,11 @@
 """`Engine`: continuous batching for a server, many independent requests decoded together by one thread.
 
     submit(prompt_ids, sampling) ─► queue (FIFO, at most max_queue waiting) ─► a free slot (at most max_batch)
-      ─► prefill alone: GPT.forward into the slot's own cache row ─► first token; joins the very next step
+      ─► prefill alone: `Decoder.prefill` into the slot's own cache row ─► first token; joins the next step
     batched step: one token per active slot, each row at its own cache slot and RoPE position
-      (`KVCache.rows(..., next_slots)`), through the `CompiledDecoder` (options.compile; the batch padded
-      to a power of two, each size compiled once at start), the eager `Decoder` on CPU or GPT.forward
-      ─► each request samples its own token (its SamplingConfig, generator, seen tokens: `sample_next`)
+      (`Decoder.rows`), through `Decoder.step`, the same step as `generate.generate`'s (with
+      options.compile the batch is padded to a power of two, each size compiled once at start)
+      ─► each request samples its own token (its SamplingConfig: a `SamplingState` of one row)
       ─► EngineEvent on its EngineRequest (TextStream pieces, logprobs) ─► finished or cancelled: slot freed
 
 Slots are rows 0..n-1 of one KVCache (max_batch rows x context_length slots): a freed row is refilled
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import threading
 import time
 from collections import deque
@@ -34,14 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from gtransformer.errors import UserError
-from gtransformer.inference.compiled_decode import CompiledDecoder
-from gtransformer.inference.decode import Decoder, supports_fast_decode
-from gtransformer.inference.generate import DECODE_DTYPES, SINGLE_THREAD_MAX_PREFILL, DecodeOptions, for_tokenizer
-from gtransformer.inference.sampling import SamplingConfig, sample_next
+from gtransformer.inference.decode import DecodeOptions, Decoder
+from gtransformer.inference.generate import check_prompts, for_tokenizer
+from gtransformer.inference.sampling import SamplingConfig, SamplingState
 from gtransformer.inference.stream import TextStream
 from gtransformer.model.attention import KVCache
-from gtransformer.model.moe import FEW_TOKENS
-from gtransformer.runtime import intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +144,9 @@ class _Slot:
     """What the engine thread keeps about one active request: sampling state, text, cache length."""
 
     def __init__(self, request: EngineRequest, tokenizer, vocab_size: int, device):
-        sampling, self.request, self.generator = request.sampling, request, None
-        if sampling.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
-        self.seen = None  # (1, V) bool, for the repetition penalty
-        if sampling.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
-            self.seen[0, request.prompt_ids] = True
-        self.stop_ids = set(sampling.stop_token_ids)
-        self.text = TextStream(tokenizer, sampling.stop_strings)
+        self.request = request
+        self.sampler = SamplingState(request.sampling, [request.prompt_ids], vocab_size, device)
+        self.text = TextStream(tokenizer, request.sampling.stop_strings)
         self.length = len(request.prompt_ids)  # cache slots written; the next token goes into slot `length`
         self.next_token = self.generated = 0
         self.first_token_at: float | None = None
@@ -166,8 +155,8 @@ class _Slot:
 class Engine:
     """Decodes up to `max_batch` requests together in one background thread; more wait in a FIFO queue.
 
-    options: how logits are computed (`DecodeOptions`: dtype applies to the decoders' steps; compile
-    decodes through `CompiledDecoder`, compiled by start() for every padded batch size before it returns).
+    options: how logits are computed (`DecodeOptions`: dtype applies to the decoding steps; with compile
+    start() compiles the step for every padded batch size before it returns).
     Use as a context manager, or start() and stop(drain=True). Requests submitted before start() wait in
     the queue.
     """
@@ -188,8 +177,7 @@ class Engine:
         self._slots: list[_Slot] = []  # engine thread only: row i of the cache is slot i's
         self._steps = 0
         self._cache: KVCache | None = None
-        self._weights = None  # the eager Decoder's weights, when it runs this model's steps (CPU)
-        self._compiled: CompiledDecoder | None = None  # options.compile
+        self._decoder: Decoder | None = None  # made by start()
 
     # ------------------------------------------------------------------ callers' side
 
@@ -210,16 +198,10 @@ class Engine:
 
     def _checked(self, prompt_ids: list[int], sampling: SamplingConfig, logprobs: int) -> SamplingConfig:
         sampling.validate()
-        context, vocab = self.model.config.context_length, self.model.config.vocab_size
-        if not prompt_ids:
-            raise UserError("the prompt has no tokens; pass some text or start from the end-of-text token")
+        vocab = self.model.config.vocab_size
+        check_prompts(self.model.config, [prompt_ids], sampling.max_new_tokens)
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise UserError(f"prompt token ids must lie in [0, {vocab}); encode the prompt with the model's tokenizer")
-        total = len(prompt_ids) + sampling.max_new_tokens
-        if total > context:
-            raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) = "
-                            f"{total} exceeds the model's context_length ({context}); shorten the prompt or "
-                            f"lower max_new_tokens")
         if not 0 <= logprobs <= vocab:
             raise UserError(f"logprobs = {logprobs} must lie in [0, {vocab}]")
         return for_tokenizer(self.tokenizer, sampling)  # as `generate.stream` does
@@ -238,31 +220,27 @@ class Engine:
             if self._state != "new":
                 raise UserError(f"the engine is {self._state}; an Engine starts once")
             self._state = "running"
-        self._cache = KVCache(self.model.config, self.max_batch, self.model.config.context_length,
-                              self.device, self.dtype)
-        dtype = DECODE_DTYPES[self.options.dtype]
+        self._decoder = Decoder(self.model, self.options)
+        self._cache = self._decoder.cache(self.max_batch, self.model.config.context_length)
         if self.options.compile:
-            self._compile(dtype)
-        elif supports_fast_decode(self.model, 1):
-            self._weights = Decoder.prepared_weights(self.model, dtype)
+            self._compile()
         self._thread = threading.Thread(target=self._run, name="gtransformer-engine", daemon=True)
         self._thread.start()
         return self
 
-    def _compile(self, dtype: torch.dtype | None) -> None:
+    def _compile(self) -> None:
         """Compile the step for every padded batch size now, so that no request waits for a compilation.
 
         Runs one step of dummy tokens at slot 0 of the (still free) rows, under the engine thread's
         inference mode; a failure (no C++ compiler, say) is a UserError before anything is served.
         """
-        self._compiled = CompiledDecoder.for_model(self.model, dtype)
         sizes = sorted({self._padded(n) for n in range(1, self.max_batch + 1)})
         log.info("compiling the decoding step for batch sizes %s (once per process)", ", ".join(map(str, sizes)))
         started = time.perf_counter()
         with torch.inference_mode():
             for n in sizes:
-                self._compiled.step(torch.zeros(n, dtype=torch.long, device=self.device),
-                                    self._cache.rows(0, n, [0] * n), None, None)
+                self._decoder.step(torch.zeros(n, dtype=torch.long, device=self.device),
+                                   self._decoder.rows(self._cache, 0, n, [0] * n))
         log.info("compiled in %.0f s", time.perf_counter() - started)
 
     def _padded(self, rows: int) -> int:
@@ -340,7 +318,7 @@ class Engine:
         return True
 
     def _prefill(self, request: EngineRequest) -> None:
-        """Run the prompt alone through GPT.forward into the next free cache row; sample its first token."""
+        """Run the prompt alone into the next free cache row (`Decoder.prefill`); sample its first token."""
         if request.cancelled or request.sampling.max_new_tokens == 0:
             reason = "cancelled" if request.cancelled else "length"
             return request._push(EngineEvent(finish_reason=reason, usage=self._usage(request, None, 0)))
@@ -348,11 +326,8 @@ class Engine:
         slot = _Slot(request, self.tokenizer, self.model.config.vocab_size, self.device)
         self._slots.append(slot)
         ids = torch.tensor([request.prompt_ids], device=self.device)
-        threads = self._threads(1) if len(request.prompt_ids) <= SINGLE_THREAD_MAX_PREFILL else None
-        with intra_op_threads(threads):
-            logits = self.model(ids, cache=self._cache.rows(row, row + 1), last_logits_only=True).logits[:, -1]
-            keep = self._take(slot, logits.float())
-        if not keep:
+        logits = self._decoder.prefill(ids, self._cache.rows(row, row + 1))
+        if not self._take(slot, logits):
             self._free([row])
 
     def _batched_step(self) -> None:
@@ -360,40 +335,27 @@ class Engine:
         slots = self._slots
         # The compiled step runs padded batch sizes; padding rows are free rows of the cache, whose
         # dummy token lands in their slot 0.
-        padding = self._padded(len(slots)) - len(slots) if self._compiled is not None else 0
+        padding = self._padded(len(slots)) - len(slots) if self.options.compile else 0
         tokens = torch.tensor([slot.next_token for slot in slots] + [0] * padding, device=self.device)
-        view = self._cache.rows(0, len(slots) + padding, [slot.length for slot in slots] + [0] * padding)
-        with intra_op_threads(self._threads(len(slots))):
-            if self._compiled is not None:
-                logits = self._compiled.step(tokens, view, None, None)[: len(slots)]
-            elif self._weights is not None:  # CPU, eager (benchmarks/RESULTS.md times it against GPT.forward)
-                logits = Decoder(self._weights, view, None).step(tokens, view.next_slots)
-            else:
-                logits = self.model(tokens[:, None], cache=view, position_ids=view.next_slots[:, None]).logits[:, -1]
-            self._steps += 1
-            logits = logits.float()
-            # One op for every greedy row (sample_next's temperature-0 rule, over the tokenizer's ids).
-            argmax = logits[:, : self.tokenizer.vocab_size].argmax(-1).tolist()
-            finished = []
-            for row, slot in enumerate(slots):
-                slot.length += 1
-                greedy = slot.request.sampling.temperature == 0 and slot.seen is None
-                if not self._take(slot, logits[row : row + 1], argmax[row] if greedy else None):
-                    finished.append(row)
+        view = self._decoder.rows(self._cache, 0, len(slots) + padding, [slot.length for slot in slots] + [0] * padding)
+        logits = self._decoder.step(tokens, view)[: len(slots)]
+        self._steps += 1
+        # One op for every greedy row (sample_next's temperature-0 rule, over the tokenizer's ids).
+        argmax = logits[:, : self.tokenizer.vocab_size].argmax(-1)
+        finished = []
+        for row, slot in enumerate(slots):
+            slot.length += 1
+            chosen = argmax[row : row + 1] if slot.sampler.greedy else None
+            if not self._take(slot, logits[row : row + 1], chosen):
+                finished.append(row)
         self._free(finished)
 
-    def _threads(self, rows: int) -> int | None:
-        # The compiled step's threads are fixed when it is compiled: never changed around it.
-        few = (self.options.single_thread_steps and self.device.type == "cpu" and rows <= FEW_TOKENS
-               and not self.options.compile)
-        return 1 if few else None
-
-    def _take(self, slot: _Slot, logits_1V: torch.Tensor, token: int | None = None) -> bool:
-        """Sample the slot's next token (unless given) and send it; False when the request has finished."""
+    def _take(self, slot: _Slot, logits_1V: torch.Tensor, chosen: torch.Tensor | None = None) -> bool:
+        """Pick the slot's next token (unless chosen) and send it; False when the request has finished."""
         request, sampling = slot.request, slot.request.sampling
-        if token is None:
-            token = int(sample_next(logits_1V, sampling, slot.generator, slot.seen)[0])
-        if token in slot.stop_ids:
+        token_1 = slot.sampler.next_tokens(logits_1V, chosen)
+        token = int(token_1[0])
+        if token < 0:  # a stop token
             self._finish(slot, "stop", slot.text.finish())
             return False
         now = time.perf_counter()
@@ -411,8 +373,7 @@ class Engine:
         if slot.generated >= sampling.max_new_tokens:
             self._finish(slot, "length", slot.text.finish())
             return False
-        if slot.seen is not None:
-            slot.seen[0, token] = True
+        slot.sampler.feed(token_1)
         slot.next_token = token
         return True
 

@@ -3,12 +3,15 @@
     logits (B, V) float32 ─► repetition penalty (tokens seen) ─► / temperature
                           ─► top-k / top-p filter ─► multinomial (seeded generator)   [temperature 0: argmax]
 
-How the logits are computed (dtype, compiled step, threads) is `generate.DecodeOptions`.
+`SamplingState` is what sampling remembers about each row (generator, tokens seen, stopped rows): one
+for a batch of prompts in `generate`, one per request in the serving engine. How the logits are
+computed (dtype, compiled step) is `decode.DecodeOptions`.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -109,3 +112,48 @@ def sample_next(
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class SamplingState:
+    """What sampling remembers about each row of a batch: its generator, the tokens it has seen, whether it stopped.
+
+    The rows share one seeded generator (the same seed, prompts and model give the same tokens). A row
+    stops at one of `sampling.stop_token_ids`; from then on its token is -1.
+    """
+
+    def __init__(self, sampling: SamplingConfig, prompts: Sequence[Sequence[int]], vocab_size: int, device):
+        self.sampling = sampling
+        self.generator = None
+        if sampling.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+        self.seen = None  # (B, V) bool, for the repetition penalty: prompt and generated tokens
+        if sampling.repetition_penalty != 1.0:
+            self.seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+            for row, prompt in enumerate(prompts):
+                self.seen[row, list(prompt)] = True
+        stops = sorted(set(sampling.stop_token_ids))
+        self.stop_ids = torch.tensor(stops, device=device) if stops else None
+        self.finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the next token is the plain argmax of the logits (over the first vocab_limit ids)."""
+        return self.sampling.temperature == 0 and self.seen is None
+
+    def next_tokens(self, logits_BV: torch.Tensor, chosen_B: torch.Tensor | None = None) -> torch.Tensor:
+        """logits (B, V) float32 -> the next token of each row (B,), -1 for rows that have stopped.
+
+        chosen: the tokens already picked by the caller (a batched argmax of `greedy` rows)."""
+        token = chosen_B if chosen_B is not None else sample_next(logits_BV, self.sampling, self.generator, self.seen)
+        if self.stop_ids is not None:
+            self.finished |= torch.isin(token, self.stop_ids)
+            token = token.masked_fill(self.finished, -1)
+        return token
+
+    def feed(self, token_B: torch.Tensor) -> torch.Tensor:
+        """The tokens the next step reads (stopped rows read a dummy 0), noted as seen."""
+        feed = token_B.clamp(min=0)
+        if self.seen is not None:
+            self.seen.scatter_(1, feed[:, None], ~self.finished[:, None])
+        return feed

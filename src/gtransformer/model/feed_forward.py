@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from gtransformer.model.primitives import swiglu
+from gtransformer.model.primitives import swiglu, swiglu_fused
 
 
 class FeedForwardOutput(NamedTuple):
@@ -29,8 +29,22 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(d_model, hidden, bias=False)
         self.w3 = nn.Linear(d_model, hidden, bias=False)
         self.w2 = nn.Linear(hidden, d_model, bias=False)
+        self.w13: nn.Module | None = None  # w1's rows then w3's in one matrix, after `fuse_projections`
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """w1 and w3 become one `w13` (gate rows, then up rows): one product a token instead of two.
+
+        A decoding transform (`inference.decode_model`); the trained model keeps Mixtral's names.
+        """
+        weight = torch.cat((self.w1.weight, self.w3.weight))
+        self.w13 = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        self.w13.weight.copy_(weight)
+        self.w1 = self.w3 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            return self.w2(swiglu_fused(self.w13(x)))
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gtransformer.errors import UserError
-from gtransformer.model.attention import Attention, KVCache
+from gtransformer.model.attention import Attention, KVCache, check_context
 from gtransformer.model.config import ModelConfig
 from gtransformer.model.feed_forward import DenseFeedForward
 from gtransformer.model.moe import ExpertPathChoice, MoE, expert_params, init_moe_weights
@@ -112,8 +112,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        config.validate()
-        self.config = config
+        self.config = config  # validated when built (ModelConfig.__post_init__)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         # One resolver of the expert path for all MoE layers: the choice is logged once per model.
         self.expert_path = ExpertPathChoice()
@@ -165,11 +164,7 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if start + T > self.config.context_length:
-            raise UserError(
-                f"input of {start + T} tokens is longer than the model's context_length "
-                f"({self.config.context_length}); shorten the prompt or lower max_new_tokens"
-            )
+        check_context(self.config, start + T)
         if cache is not None and start + T > cache.max_len:
             raise UserError(f"KV cache holds {cache.max_len} positions, {start + T} requested; allocate a larger cache")
         if position_ids is None:

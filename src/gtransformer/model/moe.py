@@ -13,8 +13,8 @@ of each expert, so that exporting to Mixtral is a plain copy per expert.
 
 Which expert path runs ("grouped" GEMMs or the per-expert "loop") is resolved
 by an `ExpertPathChoice`, one per `GPT` shared by its MoE layers, which logs
-each new choice once. The routing rule (`select_experts`) is shared with both
-decoders in `gtransformer.inference`.
+each new choice once. Decoding runs this same code: few rows on CPU take
+`Experts.forward_few_tokens`, a compiled step `Experts.forward_gathered`.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gtransformer.model.feed_forward import FeedForwardOutput, SwiGLU
-from gtransformer.model.primitives import swiglu
+from gtransformer.model.primitives import swiglu, swiglu_fused
 
 logger = logging.getLogger(__name__)
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 # A CPU step of at most this many tokens (rows) is matrix-vector work: too small for grouped GEMMs'
-# sort/scatter bookkeeping or for splitting over threads. The one threshold behind Experts'
-# forward_few_tokens, the eager decoder (`inference.decode`) and DecodeOptions.single_thread_steps.
+# sort/scatter bookkeeping. The threshold of Experts.forward_few_tokens in a model as trained (a model
+# prepared for decoding by `inference.decode_model` takes that path for every step).
 FEW_TOKENS = 4
 # oneDNN builds a bfloat16 CPU matmul kernel for each new shape (~2 ms, more than the product itself), and
 # the rows per expert change every step; padding each expert's rows to a multiple of this keeps the shapes
@@ -103,6 +103,13 @@ def select_experts(logits: torch.Tensor, top_k: int, expert_bias: torch.Tensor |
     return top_weights / top_weights.sum(dim=-1, keepdim=True), top_ids
 
 
+def expert_counts(top_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert (n_experts,) int64: scatter_add, not bincount, so the size is static and
+    nothing syncs with the host."""
+    flat = top_ids.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=top_ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class Router(nn.Module):
     """Top-k softmax router computed in float32, as Mixtral does.
 
@@ -126,7 +133,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, d_model) -> (router logits (N, E) float32, top-k weights (N, k) float32, top-k ids (N, k))."""
-        logits = F.linear(x.float(), self.weight.float())
+        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        logits = F.linear(x if x.dtype == torch.float32 else x.float(), weight)
         top_weights, top_ids = select_experts(logits, self.top_k, self.expert_bias if self.use_bias else None)
         return logits, top_weights, top_ids
 
@@ -150,7 +158,13 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """n_experts SwiGLU experts with stacked weights and two execution paths of identical math."""
+    """n_experts SwiGLU experts with stacked weights; several execution paths of one math (`expert`).
+
+    Paths: grouped GEMMs (training, prefill), one expert at a time (the reference loop), each chosen
+    expert once over its few rows (CPU decoding), and the weights gathered by expert id (a compiled
+    decoding step). A decoding transform may give each expert fused gate+up and down modules in a
+    faster layout (`expert_linears`, see `inference.decode_model`); `expert` then reads those.
+    """
 
     def __init__(self, n_experts: int, d_model: int, hidden: int):
         super().__init__()
@@ -158,35 +172,78 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # gate projection
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # up projection
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # down projection
+        # Per expert (gate and up rows in one module, down): set by a decoding transform, else None. A plain
+        # tuple: picking an expert is a lookup (a ModuleList's indexing costs microseconds a call).
+        self.expert_linears: tuple[tuple[nn.Module, nn.Module], ...] | None = None
+
+    def expert(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's SwiGLU over the rows h: the one statement of an expert's math for the eager paths."""
+        if self.expert_linears is not None:
+            w13, w2 = self.expert_linears[e]
+            return w2(swiglu_fused(w13(h)))
+        return F.linear(swiglu(F.linear(h, self.w1[e]), F.linear(h, self.w3[e])), self.w2[e])
 
     def forward(
         self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor, counts: torch.Tensor | None, impl: str
     ) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return self.forward_gathered(x, top_ids, top_weights)  # a compiled decoding step
+        if self.expert_linears is not None or (impl == "grouped" and x.device.type == "cpu"
+                                               and x.shape[0] <= FEW_TOKENS):
+            return self.forward_few_tokens(x, top_ids, top_weights)
         if impl == "grouped" and torch.compiler.is_compiling() and _compute_dtype(x) != torch.bfloat16:
             # torch.compile's shape rules for grouped_mm accept bfloat16 only (torch 2.13), eager runs float32.
             impl = "loop"
         if impl == "grouped":
-            if x.device.type == "cpu" and x.shape[0] <= FEW_TOKENS:
-                return self.forward_few_tokens(x, top_ids, top_weights)
+            if counts is None:
+                counts = expert_counts(top_ids, self.n_experts)
             return self.forward_grouped(x, top_ids, top_weights, counts)
         return self.forward_loop(x, top_ids, top_weights)
 
     def forward_few_tokens(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
-        """Decoding on CPU: each token through its own top-k experts, matrix-vector products only.
+        """Decoding on CPU: each chosen expert once over the rows that chose it, matrix-vector products.
 
-        Reading the expert ids on the host costs nothing on CPU, and skipping
-        the sort/scatter bookkeeping matters when a step has one token.
+        Reading the expert ids on the host costs nothing on CPU, and skipping the sort/scatter
+        bookkeeping matters when a step has a few tokens; rows that share an expert read its
+        weights once, which is what lets a batched step cost less than its rows one by one.
         """
-        rows = []
-        for t, experts in enumerate(top_ids.tolist()):
-            h = x[t : t + 1]
-            y = None
-            for slot, e in enumerate(experts):
-                part = F.linear(swiglu(F.linear(h, self.w1[e]), F.linear(h, self.w3[e])), self.w2[e])
-                part = part * top_weights[t, slot].to(part.dtype)
-                y = part if y is None else y + part
-            rows.append(y)
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+        if x.shape[0] == 1:
+            out = None
+            if torch.is_grad_enabled():  # differentiable in the router's weights
+                for slot, e in enumerate(top_ids[0].tolist()):
+                    part = self.expert(x, e) * top_weights[0, slot].to(x.dtype)
+                    out = part if out is None else out + part
+                return out
+            for e, weight in zip(top_ids[0].tolist(), top_weights[0].tolist()):
+                part = self.expert(x, e)  # a new tensor: scaled and summed in place
+                out = part.mul_(weight) if out is None else out.add_(part, alpha=weight)
+            return out
+        pairs_of: dict[int, tuple[list[int], list[int]]] = {}  # expert -> (rows, slots) that chose it
+        for row, ids in enumerate(top_ids.tolist()):
+            for slot, e in enumerate(ids):
+                rows, slots = pairs_of.setdefault(e, ([], []))
+                rows.append(row)
+                slots.append(slot)
+        out = torch.zeros_like(x)
+        for e, (rows, slots) in pairs_of.items():
+            index = torch.tensor(rows, device=x.device)
+            h = self.expert(x.index_select(0, index), e)
+            weight = top_weights[index, torch.tensor(slots, device=x.device)].to(h.dtype)[:, None]
+            out = out.index_add(0, index, (h * weight).to(out.dtype))
+        return out
+
+    def forward_gathered(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
+        """Each token's top-k experts as reductions over their weights gathered by id, in float32.
+
+        Static shapes and no host sync: under torch.compile the gather fuses into the reductions, so a
+        step reads only the chosen experts' weights (the compiled decoding step).
+        """
+        x_N11M = x.to(self.w1.dtype).float()[:, None, None, :]
+        gate_NkF = (self.w1[top_ids].float() * x_N11M).sum(-1)
+        up_NkF = (self.w3[top_ids].float() * x_N11M).sum(-1)
+        act_Nk1F = swiglu(gate_NkF, up_NkF).to(self.w2.dtype).float()[:, :, None, :]
+        out_NkM = (self.w2[top_ids].float() * act_Nk1F).sum(-1)
+        return (out_NkM * top_weights[..., None]).sum(1).to(x.dtype)
 
     def forward_loop(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
         """Reference path: one expert at a time (syncs with the host; works everywhere)."""
@@ -195,8 +252,7 @@ class Experts(nn.Module):
             token_idx, slot = torch.where(top_ids == e)
             if token_idx.numel() == 0:
                 continue
-            h = x[token_idx]
-            h = F.linear(swiglu(F.linear(h, self.w1[e]), F.linear(h, self.w3[e])), self.w2[e])
+            h = self.expert(x[token_idx], e)
             out.index_add_(0, token_idx, (h * top_weights[token_idx, slot, None].to(h.dtype)).to(out.dtype))
         return out
 
@@ -299,15 +355,14 @@ class MoE(nn.Module):
         n_experts = self.config.n_experts
         impl = self.expert_path.resolve(self.config.expert_impl, x.device, _compute_dtype(x))
         counts = None
-        if impl == "grouped" or need_losses or (self.training and self.gate.use_bias):
-            # Counted with scatter_add (not bincount) so the size is static and nothing syncs.
-            counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device).scatter_add_(
-                0, top_ids.reshape(-1), torch.ones_like(top_ids.reshape(-1))
-            )
+        if need_losses or (self.training and self.gate.use_bias):
+            counts = expert_counts(top_ids, n_experts)
         out = self.experts(x, top_ids, top_weights, counts, impl)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        out = out.to(x.dtype).reshape(shape)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        out = out.reshape(shape)
 
         if self.training and self.gate.use_bias:
             self.gate.load_since_update.add_(counts.float())

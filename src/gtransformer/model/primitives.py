@@ -14,16 +14,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2) + eps) over the last axis.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last axis; weight None: a weight of ones.
 
     float32 input and weight: one fused kernel (forward and backward). Otherwise
     normalise in float32, cast to the input dtype, then scale, exactly as Hugging
     Face's MixtralRMSNorm does (the result takes the promoted dtype of the two).
+    A decoding model folds the weight into the matrices that read the norm
+    (`RMSNorm.fold_into`), which leaves weight None.
     """
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+    if x.dtype == torch.float32 and not torch.is_grad_enabled():
+        # Outside autograd F.rms_norm runs as a composite of ~8 ops; this is 6, about twice as fast in a
+        # decoding step (benchmarks/RESULTS.md, "One forward"). Same math, in float32.
+        inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        return x * inv if weight is None else (x * inv).mul_(weight)
+    if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
         return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    return normed if weight is None else weight * normed
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +62,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """`swiglu` of one product whose last axis holds the gate's outputs, then the up projection's (a fused w13)."""
+    hidden = gate_up.shape[-1] // 2
+    return swiglu(gate_up[..., :hidden], gate_up[..., hidden:])
+
+
 class RMSNorm(nn.Module):
     """`rms_norm` as a module with its learnt weight (HF's name: `weight`)."""
 
@@ -61,6 +75,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+
+    @torch.no_grad()
+    def fold_into(self, *readers: torch.Tensor) -> None:
+        """Move the weight into the matrices (..., out, in) that read this norm's output, in place: W @ (g * n)
+        == (W * g) @ n. The norm is then weightless (one op fewer a call; a decoding transform)."""
+        for weight in readers:
+            weight.mul_(self.weight.to(weight.dtype))
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)

@@ -22,6 +22,7 @@ from gtransformer.errors import UserError
 from gtransformer.inference.chat import ChatTemplate
 from gtransformer.inference.engine import Engine, EngineEvent, EngineRequest, QueueFull
 from gtransformer.inference.generate import prompt_ids
+from gtransformer.model.attention import check_context
 from gtransformer.serving.metrics import ServerMetrics
 from gtransformer.serving.protocol import (
     APIError,
@@ -75,11 +76,13 @@ class CompletionService:
         cap, context = self.settings.max_tokens_cap, self.context_length
         if max_tokens > cap:
             raise APIError(400, f"max_tokens = {max_tokens} is above this server's cap of {cap}", param="max_tokens")
-        if prompt_tokens + max_tokens > context:
-            raise APIError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                                f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
+        try:
+            check_context(self.engine.model.config, prompt_tokens + max_tokens,
+                          f"the prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens})")
+        except UserError as exc:
+            raise APIError(400, str(exc).replace("max_new_tokens", "max_tokens"),
                            param="max_tokens" if prompt_tokens < context else "prompt",
-                           code="context_length_exceeded")
+                           code="context_length_exceeded") from None
 
     def submit(self, jobs: list[tuple[list[int], object, int]]) -> list[EngineRequest]:
         """All of a body's requests, or none: a refused one cancels those already queued."""
