@@ -48,8 +48,8 @@ def generate_ours(model, prompt: torch.Tensor, new_tokens: int, decode_dtype: st
     from gtransformer.inference.sampling import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
-    # single_thread_steps as the `generate` command sets it: the benchmark measures what the CLI runs.
-    options = DecodeOptions(dtype=decode_dtype, compile=compile, single_thread_steps=True)
+    # Threads are --threads' (the `generate` command sets 1 for eager CPU decoding of few rows).
+    options = DecodeOptions(dtype=decode_dtype, compile=compile)
     return generate(model, [prompt.tolist()], sampling, options)[0]
 
 

@@ -210,6 +210,15 @@ def record_step_logits(model, prompts, n_new, **options):
     return tokens, seen
 
 
+def assert_matches_full_recompute(model, prompts, tokens, step_logits, atol=1e-5):
+    """Each step's logits (from `record_step_logits`) equal the model's forward over prompt + tokens so far."""
+    with torch.no_grad():
+        for i, cached in enumerate(step_logits):
+            for row, prompt in enumerate(prompts):
+                full = model(torch.tensor([prompt + tokens[row][:i]])).logits[0, -1].float()
+                torch.testing.assert_close(cached[row], full, atol=atol, rtol=0)
+
+
 @pytest.fixture(scope="session", name="make_model")
 def make_model_fixture():
     """make_model(vocab_size=300, **ModelConfig overrides) -> a seeded tiny GQA + MoE GPT in eval mode."""

@@ -20,7 +20,9 @@ from gtransformer.interop import hf as hf_export
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import ab  # noqa: E402
 import bench_generate  # noqa: E402
+import bench_step  # noqa: E402
 import bench_train  # noqa: E402
 import common  # noqa: E402
 
@@ -78,6 +80,23 @@ def test_bench_generate_raises_context_and_generates_exact_lengths(tmp_path, cap
     assert payload["model_config"]["context_length"] == 12
     assert {row["model"] for row in payload["results"]} == {"ours", "hf:grouped_mm"}
     assert all(row["tokens_per_s"] > 0 for row in payload["results"])
+
+
+def test_bench_step_times_the_engines_batched_step_at_each_row_count(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    assert bench_step.main([*SMALL, "--rows", "1,3", "--steps", "2", "--reps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [row["rows"] for row in rows] == [1, 3] and rows[0]["vs_one_row"] == 1.0
+    assert all(row["tokens_per_s"] > 0 and row["model"].startswith("ours x") for row in rows)
+    assert bench_step.main([*SMALL, "--rows", "0"]) == 2 and "--rows" in capsys.readouterr().err
+
+
+def test_ab_alternates_two_checkouts_and_reports_their_ratio(capsys):
+    repo = BENCH.parent
+    assert ab.main(["--old", str(repo), "--new", str(repo), "--rounds", "2", "--", "bench_step.py", *SMALL,
+                    "--rows", "1", "--steps", "2", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# round") == 4 and "| ours x1 |" in out and "x** |" in out
 
 
 def test_user_mistakes_exit_2_with_one_line(capsys):

@@ -1,11 +1,11 @@
-"""Compiled decoding (`DecodeOptions.compile`): same logits as a full recompute, every architecture option.
+"""Compiled decoding (`DecodeOptions.compile`): the same forward, reuse, bfloat16, seeded sampling, errors.
 
 Each distinct model shape compiles once (a few seconds on CPU with the C++ compiler),
 so the architectures share a few compiled graphs rather than one test each.
 """
 
 import pytest
-from conftest import NEEDS_CPP_COMPILER
+from conftest import NEEDS_CPP_COMPILER, assert_matches_full_recompute
 import torch
 
 from gtransformer import runtime
@@ -22,36 +22,6 @@ pytestmark = [
 ]
 
 COMPILED = DecodeOptions(compile=True)
-
-
-def assert_matches_full_recompute(model, prompts, tokens, logits, atol):
-    with torch.no_grad():
-        for i, cached in enumerate(logits):
-            for row, prompt in enumerate(prompts):
-                full = model(torch.tensor([prompt + tokens[row][:i]])).logits[0, -1].float()
-                torch.testing.assert_close(cached[row], full, atol=atol, rtol=0)
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        # a dense layer, a shared expert, tied embeddings; then bias balancing, QK-norm, an odd head size
-        dict(moe_every=2, n_shared_experts=1, tie_embeddings=True),
-        dict(balance="bias", qk_norm=True, head_dim=6),
-    ],
-)
-def test_compiled_steps_match_full_recompute_with_ragged_prompts(overrides, make_model, record_step_logits):
-    model = make_model(**overrides)
-    if overrides.get("balance") == "bias":
-        with torch.no_grad():
-            for block in model.layers:
-                block.mlp.gate.expert_bias.copy_(torch.linspace(-0.3, 0.3, 4))
-    prompts = [[5, 17, 42, 8], [99, 3]]  # left padding: masks and per-row RoPE positions
-    tokens, logits = record_step_logits(model, prompts, 8, compile=True)
-    assert len(logits) == 8 and all(len(row) == 8 for row in tokens)
-    assert_matches_full_recompute(model, prompts, tokens, logits, atol=1e-5)
-    # The eager decoder agrees token for token.
-    assert generate(model, prompts, SamplingConfig(max_new_tokens=8, temperature=0)) == tokens
 
 
 @torch.inference_mode()

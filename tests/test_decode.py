@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NEEDS_CPP_COMPILER
+from conftest import NEEDS_CPP_COMPILER, assert_matches_full_recompute
 
 from gtransformer import runtime
 from gtransformer.data.tokenizer import Tokenizer
@@ -24,14 +24,6 @@ from gtransformer.model.primitives import RMSNorm
 # Tiny shapes: a second intra-op thread on a shared, busy machine only adds waiting.
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).resolve().parents[1] / "src" / "gtransformer"
-
-
-def assert_matches_full_recompute(model, prompts, tokens, step_logits, atol=1e-5):
-    with torch.no_grad():
-        for i, cached in enumerate(step_logits):
-            for row, prompt in enumerate(prompts):
-                full = model(torch.tensor([prompt + tokens[row][:i]])).logits[0, -1].float()
-                torch.testing.assert_close(cached[row], full, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("expert_impl", ["grouped", "loop"])
@@ -60,14 +52,16 @@ def test_batch_of_unequal_prompts_matches_each_prompt_alone(make_model, record_s
         dict(n_experts=0),  # dense model
     ],
 )
-def test_decoding_matches_full_recompute_across_architectures(overrides, make_model, record_step_logits):
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=NEEDS_CPP_COMPILER)])
+def test_decoding_matches_full_recompute_across_architectures(overrides, compile, make_model, record_step_logits):
     model = make_model(**overrides)
     if overrides.get("balance") == "bias":
         with torch.no_grad():
             for block in model.layers:
                 block.mlp.gate.expert_bias.copy_(torch.linspace(-0.3, 0.3, 4))
-    prompts = [[5, 17, 42, 8], [99, 3]]
-    tokens, step_logits = record_step_logits(model, prompts, 8)
+    prompts = [[5, 17, 42, 8], [99, 3]]  # left padding: masks and per-row RoPE positions
+    tokens, step_logits = record_step_logits(model, prompts, 8, compile=compile)
+    assert len(step_logits) == 8 and all(len(row) == 8 for row in tokens)
     assert_matches_full_recompute(model, prompts, tokens, step_logits)
 
 

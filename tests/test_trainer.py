@@ -90,7 +90,7 @@ def one_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_one_step_all_reduces_router_loads_once_per_moe_layer(corpus, tmp_path, tiny_tables, monkeypatch,
+def test_one_step_all_reduces_every_layers_router_loads_in_one_collective(corpus, tmp_path, tiny_tables, monkeypatch,
                                                               one_process_group):
     tables = tiny_tables(corpus, max_steps=4, log_every=2)
     tables["model"]["balance"] = "bias"  # the router's bias update needs the loads of every rank
@@ -109,11 +109,12 @@ def test_one_step_all_reduces_router_loads_once_per_moe_layer(corpus, tmp_path, 
     monkeypatch.setattr(dist, "all_reduce", counting_all_reduce)
     assert trainer.step() is None
     n_experts = tables["model"]["n_experts"]
-    # The step's health and stop flags (loss, gradient norm, signal) in one reduction, then one per MoE layer.
-    assert calls == [(3,)] + [(n_experts,)] * moe_layers
+    # The step's health and stop flags (loss, gradient norm, signal) in one reduction, then every MoE layer's
+    # expert loads stacked into one (torchtitan's way; no collective in model code).
+    assert calls == [(3,), (moe_layers, n_experts)]
     calls.clear()
     assert trainer.step() is not None  # a log step: the loss and the aux loss are averaged over ranks too
-    assert calls == [(3,)] + [(n_experts,)] * moe_layers + [()] * 2
+    assert calls == [(3,), (moe_layers, n_experts)] + [()] * 2
     trainer.close()
     biases = [block.mlp.gate.expert_bias for block in trainer.model.layers if block.is_moe]
     assert all(bool(bias.abs().sum() > 0) for bias in biases)  # the update itself still ran

@@ -238,6 +238,15 @@ class Distributed:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.world_size
 
+    def sum_in_place(self, tensors: list[torch.Tensor]) -> None:
+        """Sum same-shaped tensors over the ranks, in place, in one collective (stacked), not one per tensor."""
+        if not self.enabled or not tensors:
+            return
+        stacked = torch.stack(tensors)
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        for tensor, total in zip(tensors, stacked.unbind(0)):
+            tensor.copy_(total)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

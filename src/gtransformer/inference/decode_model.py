@@ -108,6 +108,11 @@ def decoding_model(model: GPT, dtype: torch.dtype | None, layout: str) -> GPT:
                 if block.is_moe:
                     _lay_out_experts(block.mlp.experts, dtype, layout)
             _swap_linears(decoding, dtype, layout)
+            for module in decoding.modules():
+                # Submodules, parameters and buffers as plain attributes too: a step reads ~80 of them, and
+                # nn.Module.__getattr__ (its fallback for registered names) costs a Python call each.
+                for name, value in (*module._modules.items(), *module._parameters.items(), *module._buffers.items()):
+                    object.__setattr__(module, name, value)
     finally:
         if kept is not None:
             model.__dict__[CACHE_ATTRIBUTE] = kept

@@ -9,8 +9,9 @@
 Names follow Hugging Face (q_proj, k_proj, v_proj, o_proj, embed_tokens,
 lm_head, norm, gate, experts) and RoPE uses HF's rotate_half layout, so
 exporting to Mixtral (interop/hf.py) is a plain copy of tensors. RMSNorm,
-RoPE and SwiGLU are the functions of primitives.py, which the decoders in
-gtransformer.inference call too.
+RoPE and SwiGLU are the functions of primitives.py. This forward is the only
+statement of the model's math: training, the prefill and every decoding step of
+gtransformer.inference (eager or compiled, a copy laid out for decoding) run it.
 """
 
 from __future__ import annotations
@@ -201,6 +202,14 @@ class GPT(nn.Module):
             return ModelOutput(None, loss, aux_total, all_stats if return_stats else None)
         logits = self.lm_head(x)
         return ModelOutput(logits, None, aux_total, all_stats if return_stats else None)
+
+    def router_loads(self) -> list[torch.Tensor]:
+        """The expert loads counted since the last bias update, one (n_experts,) buffer per MoE layer (balance =
+        "bias"; else empty). Under torchrun the trainer sums them over the ranks in place, all layers in one
+        collective, before `update_router_biases`."""
+        if self.config.balance != "bias":
+            return []
+        return [block.mlp.gate.load_since_update for block in self.layers if block.is_moe]
 
     def update_router_biases(self) -> None:
         """Call after each optimizer step: moves the balance="bias" router biases (no-op otherwise)."""

@@ -140,13 +140,13 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, rate: float) -> None:
-        """DeepSeek-V3: b_e += rate * sign(mean load - load_e); underloaded experts become more attractive."""
+        """DeepSeek-V3: b_e += rate * sign(mean load - load_e); underloaded experts become more attractive.
+
+        Under torchrun the caller sums `load_since_update` over the ranks first (`GPT.router_loads`), or
+        the ranks' biases would drift apart."""
         if not self.use_bias:
             return
         load = self.load_since_update
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Every rank must see the global load, or their biases would drift apart.
-            torch.distributed.all_reduce(load)
         self.expert_bias.add_(rate * torch.sign(load.mean() - load))
         load.zero_()
 

@@ -1,8 +1,8 @@
 """The model's math primitives, each written once: RMSNorm (and its module), RoPE, SwiGLU.
 
-`model.py` and `moe.py` build the modules from them, and both decoders
-(`inference/decode.py`, `inference/compiled_decode.py`) call the same
-functions, so a decoding step computes what `GPT.forward` computes.
+`attention.py`, `feed_forward.py`, `moe.py` and `model.py` build the modules from
+them; training, prefill and every decoding step run those modules (`GPT.forward`),
+so changing a function here changes all of them alike.
 
 Shapes: `...` any leading axes; D the last axis (model width or head dim).
 """

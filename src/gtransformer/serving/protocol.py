@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gtransformer.inference.sampling import SamplingConfig
+from gtransformer.inference.sampling import SEED_LIMIT, SamplingConfig
 
 
 # SamplingConfig's fields under the request's (OpenAI's) names.
@@ -43,15 +44,17 @@ class SamplingFields(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    # allow_inf_nan=False: JSON's NaN / Infinity (which Python's parser accepts) are refused as not finite.
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0)  # extension: 0 = off
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, allow_inf_nan=False)  # extension: 1 = off
+    # Types only: the ranges of the sampling fields are SamplingConfig.problem's (checked in `sampling`), one
+    # statement of them for the API, the CLI and training samples. allow_inf_nan=False: JSON's NaN / Infinity
+    # (which Python's parser accepts) are refused as not finite.
+    temperature: float = Field(default=1.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, allow_inf_nan=False)
+    top_k: int = 0  # extension: 0 = off
+    repetition_penalty: float = Field(default=1.0, allow_inf_nan=False)  # extension: 1 = off
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     user: str | None = None
@@ -75,17 +78,18 @@ class SamplingFields(BaseModel):
         config = SamplingConfig(
             max_new_tokens=max_tokens,
             temperature=self.temperature,
-            top_k=self.top_k or None,
+            top_k=self.top_k,
             top_p=self.top_p,
             repetition_penalty=self.repetition_penalty,
             stop_strings=tuple(self.stop or ()),
-            seed=None if self.seed is None else (self.seed + seed_offset) % 2**63,
+            seed=self.seed,
         )
         problem = config.problem(API_NAMES)  # the sampling rules are SamplingConfig's, here as in the CLI
         if problem is not None:
             field, message = problem
             raise APIError(400, message, param=API_NAMES.get(field, field))
-        return config
+        seed = None if self.seed is None else (self.seed + seed_offset) % SEED_LIMIT
+        return replace(config, top_k=self.top_k or None, seed=seed)
 
 
 class CompletionRequest(SamplingFields):

@@ -238,7 +238,8 @@ class Trainer:
             if grad_bad:  # the scaler skipped the step: the biases stay too
                 self.model.discard_router_loads()
             else:
-                self.model.update_router_biases()  # its router all-reduces the expert loads under torchrun
+                self.dist.sum_in_place(self.model.router_loads())  # every layer's loads, one all-reduce
+                self.model.update_router_biases()
         optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
