@@ -198,8 +198,8 @@ class Attention(nn.Module):
             if cos.dtype != qkv.dtype:
                 cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
             if self.q_norm is None:  # one rotation for the query and key heads together
-                q, k = apply_rope(qkv[:, : H + K], cos, sin).split((H, K), dim=1)
-                return q, k, qkv[:, H + K :]
+                qk = apply_rope(qkv[:, : H + K], cos, sin)
+                return qk[:, :H], qk[:, H:], qkv[:, H + K :]
             q, k, v = qkv.split((H, K, K), dim=1)
         else:
             q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
@@ -232,8 +232,8 @@ class Attention(nn.Module):
             k_all, v_all, mask = cache.write(self.layer, k, v)
             if T == 1:  # a decoding step: each K/V head's G query heads attend as one short sequence
                 y = decode_attention(q.reshape(B, K, H // K, D), k_all, v_all, mask, D**-0.5,
-                                     fused=torch.compiler.is_compiling()).to(x.dtype)
-                return self.o_proj(y.reshape(B, 1, H * D))
+                                     fused=torch.compiler.is_compiling())
+                return self.o_proj(y.reshape(B, 1, H * D).to(x.dtype))
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=K != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))

@@ -34,7 +34,7 @@ from gtransformer.model.primitives import RMSNorm, rope_tables
 class ModelOutput(NamedTuple):
     logits: torch.Tensor | None  # (B, T, vocab), or (B, 1, vocab) with last_logits_only; None when targets are given
     loss: torch.Tensor | None  # mean cross entropy over targets != -1, when targets are given
-    aux_loss: torch.Tensor  # already-weighted MoE balancing losses (0 when not computed)
+    aux_loss: torch.Tensor | None  # already-weighted MoE balancing losses (with targets or return_stats), else None
     stats: list[dict[str, Any]] | None  # per MoE layer: layer, tokens_per_expert, router_entropy, aux_loss, z_loss
 
 
@@ -176,7 +176,7 @@ class GPT(nn.Module):
 
         need_losses = targets is not None or return_stats
         x = self.embed_tokens(input_ids)
-        aux_total = torch.zeros((), device=x.device, dtype=torch.float32)
+        aux_total = torch.zeros((), device=x.device, dtype=torch.float32) if need_losses else None
         all_stats: list[dict[str, Any]] = []
         for i, block in enumerate(self.layers):
             x, aux, stats = block(x, cos, sin, cache, need_losses)

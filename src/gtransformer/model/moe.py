@@ -92,15 +92,16 @@ def select_experts(logits: torch.Tensor, top_k: int, expert_bias: torch.Tensor |
     """Router logits (N, E) float32 -> (renormalised top-k softmax weights (N, k), expert ids (N, k)).
 
     With expert_bias the bias moves only the choice of experts; the weights stay
-    the unbiased probabilities. Shared by training and both decoders.
+    the unbiased probabilities. The softmax renormalised over the chosen experts is
+    the softmax of their logits alone, so that is what is computed: two ops without
+    a bias, where softmax, top-k, sum and divide take four.
     """
-    probs = logits.softmax(dim=-1)
     if expert_bias is None:
-        top_weights, top_ids = torch.topk(probs, top_k, dim=-1)
+        top_logits, top_ids = torch.topk(logits, top_k, dim=-1)
     else:
-        top_ids = torch.topk(probs + expert_bias, top_k, dim=-1).indices
-        top_weights = probs.gather(-1, top_ids)
-    return top_weights / top_weights.sum(dim=-1, keepdim=True), top_ids
+        top_ids = torch.topk(logits.softmax(dim=-1) + expert_bias, top_k, dim=-1).indices
+        top_logits = logits.gather(-1, top_ids)
+    return top_logits.softmax(dim=-1), top_ids
 
 
 def expert_counts(top_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -353,7 +354,9 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         logits, top_weights, top_ids = self.gate(x)
         n_experts = self.config.n_experts
-        impl = self.expert_path.resolve(self.config.expert_impl, x.device, _compute_dtype(x))
+        # A decoding copy's experts take their own path (`Experts.forward`): no path to resolve.
+        impl = "few" if self.experts.expert_linears is not None else self.expert_path.resolve(
+            self.config.expert_impl, x.device, _compute_dtype(x))
         counts = None
         if need_losses or (self.training and self.gate.use_bias):
             counts = expert_counts(top_ids, n_experts)
