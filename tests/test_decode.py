@@ -8,11 +8,10 @@ import pytest
 import torch
 from conftest import NEEDS_CPP_COMPILER, assert_matches_full_recompute
 
-from gtransformer import runtime
 from gtransformer.data.tokenizer import Tokenizer
 from gtransformer.errors import UserError
 from gtransformer.inference import decode as decode_module
-from gtransformer.inference.decode import DecodeOptions, Decoder
+from gtransformer.inference.decode import DecodeOptions, Decoder, decode_threads
 from gtransformer.inference.decode_model import CACHE_ATTRIBUTE, DecodeLinear, decoding_model
 from gtransformer.inference.engine import Engine
 from gtransformer.inference.generate import generate
@@ -166,7 +165,7 @@ def test_decode_options_are_validated_with_one_line_errors():
 
 
 def test_decoding_never_changes_the_thread_count(make_model, tokenizer_for_engine, monkeypatch):
-    """Thread counts have one owner, the command (`runtime.decode_threads`, set once): never generate or the engine."""
+    """Thread counts have one owner, the command (`decode_threads`, set once): never generate or the engine."""
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
     model = make_model()
@@ -175,9 +174,9 @@ def test_decoding_never_changes_the_thread_count(make_model, tokenizer_for_engin
         engine.submit([1, 2, 3], SamplingConfig(max_new_tokens=4, temperature=0)).result(timeout=30)
     assert calls == []
     cpu = torch.device("cpu")
-    assert runtime.decode_threads(cpu, FEW_TOKENS, compile=False) == 1
-    assert runtime.decode_threads(cpu, FEW_TOKENS + 1, compile=False) is None
-    assert runtime.decode_threads(cpu, 1, compile=True) is None
+    assert decode_threads(cpu, FEW_TOKENS, compile=False) == 1
+    assert decode_threads(cpu, FEW_TOKENS + 1, compile=False) is None
+    assert decode_threads(cpu, 1, compile=True) is None
 
 
 @pytest.fixture(name="tokenizer_for_engine", scope="module")

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from gtransformer.errors import UserError
-from gtransformer.model.moe import FEW_TOKENS
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
@@ -204,16 +203,6 @@ def resolve_compile(requested: bool | str, device: torch.device, precision: str,
     if requested:
         require_cpp_compiler(device, "set train.compile = false")
     return bool(requested), None
-
-
-def decode_threads(device: torch.device, rows: int, compile: bool) -> int | None:
-    """The intra-op thread count a decoding command sets once for its process (None: leave torch's).
-
-    One thread for eager CPU decoding of at most moe.FEW_TOKENS rows: its matrix-vector products are too
-    small to split, and on a busy machine waiting for a second thread costs more than the work (measured
-    4x slower with 2 threads on the shared 2-core box). A compiled step and larger batches keep torch's.
-    """
-    return 1 if device.type == "cpu" and rows <= FEW_TOKENS and not compile else None
 
 
 # --- distributed ------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from gtransformer.errors import UserError
-from gtransformer.inference.decode import DecodeOptions
+from gtransformer.inference.decode import DecodeOptions, decode_threads
 from gtransformer.inference.generate import GenerationStats, check_prompts, generate_text, prompt_ids, stream
 from gtransformer.inference.sampling import SamplingConfig
-from gtransformer.runtime import decode_threads, pick_device
+from gtransformer.runtime import pick_device
 from gtransformer.training.checkpoint import load_for_inference
 
 

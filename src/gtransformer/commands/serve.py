@@ -22,9 +22,9 @@ import uvicorn
 
 from gtransformer.errors import UserError
 from gtransformer.inference.engine import Engine
-from gtransformer.inference.decode import DecodeOptions
+from gtransformer.inference.decode import DecodeOptions, decode_threads
 from gtransformer.interop.hf import import_hf
-from gtransformer.runtime import decode_threads, pick_device
+from gtransformer.runtime import pick_device
 from gtransformer.serving.app import create_app
 from gtransformer.serving.service import ServerSettings
 from gtransformer.inference.chat import ChatTemplate

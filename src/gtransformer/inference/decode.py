@@ -11,7 +11,7 @@
 
 Every path runs `GPT.forward`, so the math of a step is the model's (gtransformer.model); what differs
 is only the layout of the matrices and whether torch.compile traced it. Which tokens are drawn from
-the logits is `sampling.SamplingState`; thread counts are the calling command's (`runtime.decode_threads`).
+the logits is `sampling.SamplingState`; thread counts are the calling command's (`decode_threads`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from gtransformer.inference.decode_model import cached_for_weights, decoding_mod
 from gtransformer.inference.int8 import int8_decode_available
 from gtransformer.model.attention import KVCache
 from gtransformer.model.model import GPT
+from gtransformer.model.moe import FEW_TOKENS
 from gtransformer.runtime import require_cpp_compiler
 
 # "int8": int8 weights with a bfloat16 scale per output channel, bfloat16 matmul inputs (weight-only quantisation).
@@ -56,6 +57,16 @@ class DecodeOptions:
         if self.compile and self.dtype not in COMPILED_DTYPES:
             raise UserError("compiled decoding takes float32, bfloat16 or float16 weights, not int8; "
                             "drop --compile or choose another --decode-dtype")
+
+
+def decode_threads(device: torch.device, rows: int, compile: bool) -> int | None:
+    """The intra-op thread count a decoding command sets once for its process (None: leave torch's).
+
+    One thread for eager CPU decoding of at most moe.FEW_TOKENS rows: its matrix-vector products are too
+    small to split, and on a busy machine waiting for a second thread costs more than the work (measured
+    4x slower with 2 threads on the shared 2-core box). A compiled step and larger batches keep torch's.
+    """
+    return 1 if device.type == "cpu" and rows <= FEW_TOKENS and not compile else None
 
 
 class CompiledStep:
