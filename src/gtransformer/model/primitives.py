@@ -45,16 +45,21 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) over the two halves of the last axis: HF's RoPE pairing of i with i + D/2.
 
-    Written as HF writes it: a roll with an in-place negation is ~3 us faster per eager call, but
-    torch.compile fuses it worse (the compiled decoding step measured 1.2x slower with it).
+    Eagerly a roll and an in-place negation (3 ops; HF's cat of a negated half takes 4). Under
+    torch.compile HF's form, which inductor fuses better (the compiled decoding step measured 1.2x
+    slower with the roll).
     """
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    if torch.compiler.is_compiling():
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    rotated = x.roll(half, dims=-1)
+    rotated[..., :half].neg_()
+    return rotated
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + D/2) by the angles in cos/sin: HF's convention, so weights export unchanged."""
-    return x * cos + rotate_half(x) * sin
+    return torch.addcmul(x * cos, rotate_half(x), sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
