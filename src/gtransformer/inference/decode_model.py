@@ -3,14 +3,14 @@
     GPT ──decoding_model(model, dtype, layout)──► GPT (a copy, inference only)
           q/k/v_proj ─► qkv_proj      SwiGLU w1, w3 ─► w13      (`fuse_projections` of the modules)
           RMSNorm weights ─► into the matrices that read them   (`RMSNorm.fold_into`)
-          each expert ─► its own fused gate+up and down modules (`Experts.expert_linears`; eager layouts)
+          each expert ─► its own fused gate+up and down products (`Experts.expert_linears`; eager layouts)
           every nn.Linear ─► DecodeLinear in `dtype` and `layout`
 
 These are weight transforms, not a second model: decoding runs `GPT.forward` of the copy, so every
 piece of math stays in `gtransformer.model`. Layouts (`DecodeLinear`):
 
     "matvec"  eager CPU steps: a wide weight as a contiguous (in, out) matrix (matrix-vector products
-              read it faster); with the experts' few-token path, the eager decoder of old
+              read it faster); the experts run on the few-token path, each chosen expert once
     "int8"    eager CPU steps with weight-only int8 matrices (approximate logits)
     "linear"  a compiled step: nn.Linear's (out, in) layout, whose product torch.compile sees as a
               multiply-and-sum that it fuses with the ops around it
