@@ -35,7 +35,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[test]'
+	# llama-cpp-python (tests/test_gguf.py) builds llama.cpp from source once (minutes on 2 cores; pip caches the
+	# wheel). GGML_NATIVE=OFF: a portable build (AVX2/FMA on x86), so a cached wheel runs on any such CPU.
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -129,7 +129,7 @@ def add_reference_speedups(rows: list[dict]) -> tuple:
 
 
 def parse_models(text: str, ours_variants: tuple[str, ...] = ("ours",)) -> list[str]:
-    """`ours,hf:grouped_mm,hf:eager` -> validated list of model names (ours_variants: our accepted names)."""
+    """`ours,hf:grouped_mm,hf:eager` -> validated list of model names (ours_variants: the names accepted besides hf:IMPL)."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     for name in names:
         if name in ours_variants:

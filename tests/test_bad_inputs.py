@@ -273,7 +273,11 @@ CASES = [
     (["export", "{root}/future", "--out", "{out}"], "unknown key model.moe_layers"),
     (["export", "{root}/wrongtype", "--out", "{out}"], "model.d_model = '32' must be an integer"),
     (["export", "{run}", "--out", "{root}/raw"], "already exists and is not empty"),
-    (["export", "{run}", "--out", "{out}", "--format", "gguf"], "invalid choice: 'gguf'"),
+    (["export", "{run}", "--out", "{out}", "--format", "onnx"], "invalid choice: 'onnx'"),
+    (["export", "{run}", "--out", "{out}.gguf", "--format", "gguf", "--dtype", "q4_0"],
+     "--dtype q4_0 is not available for --format gguf; choose one of f32, f16, q8_0"),
+    (["export", "{run}", "--out", "{root}/raw", "--format", "gguf"], "is a folder; a GGUF export is one file"),
+    (["export", "{root}/empty", "--out", "{out}.gguf", "--format", "gguf"], "has no checkpoints"),
     (["export", "{run}"], "the following arguments are required: --out"),
     # --- no command / unknown command ---
     (["fly"], "invalid choice: 'fly'"),

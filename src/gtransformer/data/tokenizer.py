@@ -207,6 +207,22 @@ class Tokenizer:
         table = _byte_decoder()
         return bytes(table[ch] for ch in piece)
 
+    def bpe_vocabulary(self) -> tuple[list[str], list[str]]:
+        """(every token's string, by id; the merges as "left right", in rank order) of our own BPE: the
+        byte-level strings `tokenizer.json` stores, which is what GGUF's "gpt2" tokenizer holds."""
+        if self.kind != "bpe":
+            raise UserError(f"a tiktoken encoding ({self.encoding_name}) has no BPE vocabulary file to copy")
+        data = json.loads(self._backend.to_str())
+        tokens: list[str | None] = [None] * self.vocab_size
+        for piece, token_id in data["model"]["vocab"].items():
+            tokens[token_id] = piece
+        for added in data.get("added_tokens", []):
+            tokens[added["id"]] = added["content"]
+        if None in tokens:
+            raise UserError(f"token id {tokens.index(None)} has no string in the tokenizer; rerun `gtransformer prepare`")
+        merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in data["model"]["merges"]]
+        return tokens, merges
+
     def __len__(self) -> int:
         return self.vocab_size
 

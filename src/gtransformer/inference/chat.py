@@ -48,6 +48,53 @@ class ChatTemplate:
         dialogue = self.turn_separator.join(turns)
         return f"{system}{self.system_separator}{dialogue}" if system else dialogue
 
+    def to_jinja(self) -> str:
+        """`render` as a Jinja chat template (GGUF's `tokenizer.chat_template`, read by llama-server and LM Studio).
+
+        Same prompt as `render` for system/user/assistant messages; with `add_generation_prompt` false the
+        assistant's opening is left off."""
+        quote = _quoted
+        return (
+            "{%- set ns = namespace(system='', turns='') -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'system' -%}"
+            "{%- set ns.system = ns.system + ('\\n' if ns.system else '') + (message['content'] | trim) -%}"
+            "{%- elif message['role'] == 'user' -%}"
+            f"{{%- set ns.turns = ns.turns + {quote(self.user_prefix)} + (message['content'] | trim) + "
+            f"{quote(self.turn_separator)} -%}}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            f"{{%- set ns.turns = ns.turns + {quote(self.assistant_prefix)} + (message['content'] | trim) + "
+            f"{quote(self.turn_separator)} -%}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            f"{{%- if ns.system %}}{{{{ ns.system + {quote(self.system_separator)} }}}}{{% endif -%}}"
+            "{{ ns.turns }}"
+            f"{{%- if add_generation_prompt %}}{{{{ {quote(self.assistant_prefix.rstrip())} }}}}{{% endif -%}}"
+        )
+
+    def to_go_template(self) -> str:
+        """`render` as an Ollama TEMPLATE (Go text/template over `.Messages`).
+
+        Ollama puts every message in `.Messages`, the Modelfile's SYSTEM included as a first system message; the
+        system ones are joined with a newline as `render` does (Ollama itself merges consecutive messages of one
+        role with a blank line first). Message text is used as sent: Go templates have no trim."""
+        quote = _quoted
+        return (
+            '{{- $system := "" }}'
+            '{{- range .Messages }}{{ if eq .Role "system" }}'
+            '{{ if $system }}{{ $system = printf "%s\\n%s" $system .Content }}{{ else }}{{ $system = .Content }}{{ end }}'
+            "{{ end }}{{ end }}"
+            f"{{{{- if $system }}}}{{{{ $system }}}}{{{{ {quote(self.system_separator)} }}}}{{{{ end }}}}"
+            "{{- range .Messages }}"
+            f'{{{{- if eq .Role "user" }}}}{{{{ {quote(self.user_prefix)} }}}}{{{{ .Content }}}}'
+            f'{{{{ {quote(self.turn_separator)} }}}}'
+            f'{{{{- else if eq .Role "assistant" }}}}{{{{ {quote(self.assistant_prefix)} }}}}{{{{ .Content }}}}'
+            f'{{{{ {quote(self.turn_separator)} }}}}'
+            "{{- end }}"
+            "{{- end }}"
+            f"{{{{ {quote(self.assistant_prefix.rstrip())} }}}}"
+        )
+
     def save(self, path: Path) -> None:
         write_text_atomic(path, json.dumps({**asdict(self), "stop": list(self.stop)}, ensure_ascii=False, indent=2) + "\n")
 
@@ -61,6 +108,11 @@ class ChatTemplate:
             return cls(**{**values, "stop": tuple(values["stop"])})
         except (ValueError, TypeError, KeyError) as exc:
             raise UserError(f"{path} is not a chat template ({exc}); delete it to use the default") from None
+
+
+def _quoted(text: str) -> str:
+    """`text` as a double-quoted string literal that Jinja and Go templates both read back as `text`."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 DEFAULT = ChatTemplate(
