@@ -82,8 +82,9 @@ def build_llamacpp(name: str, model_config, threads: int, n_ctx: int, n_batch: i
         raise UserError(f"unknown llama.cpp type in {name!r}; use llamacpp or llamacpp:TYPE with TYPE one of "
                         f"{', '.join(LLAMACPP_TYPES)}")
     model = common.build_ours(model_config, "cpu").eval()
-    # The benchmark feeds ids, never text: a byte-level BPE of 257 tokens, padded to the model's vocabulary.
-    tokenizer = Tokenizer.train_bpe(["gtransformer"], vocab_size=257, min_frequency=1)
+    # The benchmark feeds ids, never text: a small byte-level BPE (llama.cpp needs merges), padded to the model's
+    # vocabulary by the export.
+    tokenizer = Tokenizer.train_bpe(["Era uma vez o amor, era uma vez a cidade."], vocab_size=280, min_frequency=1)
     path, _ = export_gguf(model, tokenizer, folder / f"{dtype}.gguf", dtype=dtype)
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
                            n_threads_batch=threads, verbose=False)

@@ -82,6 +82,23 @@ def test_bench_generate_raises_context_and_generates_exact_lengths(tmp_path, cap
     assert all(row["tokens_per_s"] > 0 for row in payload["results"])
 
 
+def test_bench_generate_runs_llama_cpp_on_the_same_weights(tmp_path, capsys):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    out = tmp_path / "gen.json"
+    code = bench_generate.main([*SMALL, "--models", "ours,llamacpp,llamacpp:q8_0", "--prompt-len", "8",
+                                "--new-tokens", "8", "--reps", "1", "--warmup-tokens", "2", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "llamacpp: inside llama_decode" in printed and "x ours" in printed
+    rows = {row["model"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"ours", "llamacpp", "llamacpp:q8_0"}
+    assert all(row["tokens_per_s"] > 0 and row["prompt_tokens_per_s"] > 0 for row in rows.values())
+    # The runtime's own counters: the prompt in one batch, then one decode call per new token but the last.
+    assert rows["llamacpp"]["llamacpp_counters"][0]["decode_tokens"] == 7
+    assert bench_generate.main([*SMALL, "--models", "ours,llamacpp:q4_k"]) == 2
+    assert "unknown model 'llamacpp:q4_k'" in capsys.readouterr().err
+
+
 def test_bench_step_times_the_engines_batched_step_at_each_row_count(tmp_path, capsys):
     out = tmp_path / "step.json"
     assert bench_step.main([*SMALL, "--rows", "1,3", "--steps", "2", "--reps", "1", "--json", str(out)]) == 0

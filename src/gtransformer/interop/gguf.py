@@ -72,6 +72,9 @@ def check_exportable(model, tokenizer: Tokenizer) -> None:
     if tokenizer.kind != "bpe":
         raise UserError(f"a tiktoken tokenizer ({tokenizer.encoding_name}) cannot be written into GGUF; export "
                         "works for models trained with our own BPE (prepare without --tiktoken)")
+    if not tokenizer.bpe_vocabulary()[1]:
+        raise UserError(f"the tokenizer has no merges ({tokenizer.vocab_size} tokens: bytes only) and llama.cpp "
+                        "refuses such a file; prepare with a larger --vocab-size")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model.config.vocab_size}; the run folder mixes two corpora")
